@@ -1,0 +1,46 @@
+# Two commands on a fresh clone: `make run` and `make test`. Both create .venv when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="-k dlq -x"
+PYTEST_ARGS ?=
+
+.PHONY: setup run test test-unit lint contracts stack-up stack-down bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[embedded,dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/crm up --replay cdnow
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+contracts: $(STAMP)
+	$(VENV)/bin/crm contracts generate
+
+stack-up: $(STAMP)
+	$(VENV)/bin/crm stack up
+
+stack-down: $(STAMP)
+	$(VENV)/bin/crm stack down
+
+bench: $(STAMP)
+	$(VENV)/bin/crm bench --json bench.json
+
+clean:
+	-$(VENV)/bin/crm stack down
+	rm -rf var .pytest_cache

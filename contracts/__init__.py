@@ -1,0 +1,23 @@
+"""The event contracts: envelope, shop events, crm events, and per-topic registries."""
+
+from contracts import crm, shop, topics
+from contracts.envelope import Event, InvalidMessage, Registry, derive, derived_id
+
+EVENTS_BY_TOPIC: dict[str, tuple[type[Event], ...]] = {
+    topics.SHOP_PURCHASES: shop.PURCHASE_EVENTS,
+    topics.SHOP_INTERACTIONS: shop.INTERACTION_EVENTS,
+    topics.CRM_PROFILE: crm.PROFILE_EVENTS,
+    topics.CRM_LOYALTY: crm.LOYALTY_EVENTS,
+    topics.CRM_CHURN: crm.CHURN_EVENTS,
+    topics.CRM_CARE: crm.CARE_EVENTS,
+    topics.CRM_RETENTION: crm.RETENTION_EVENTS,
+    topics.CRM_NOTIFICATIONS: crm.NOTIFICATION_EVENTS,
+}
+
+
+def registry_for(*topic_names: str, max_bytes: int = 1_000_000) -> Registry:
+    models = [m for t in topic_names for m in EVENTS_BY_TOPIC[t]]
+    return Registry.of(*models, max_bytes=max_bytes)
+
+
+__all__ = ["EVENTS_BY_TOPIC", "Event", "InvalidMessage", "Registry", "crm", "derive", "derived_id", "registry_for", "shop", "topics"]

@@ -1,0 +1,1 @@
+"""Plumbing every service shares: settings, broker, store, batch pipeline, dead letters, metrics, clock, logs."""

@@ -1,0 +1,202 @@
+"""The broker factory and the batch subscriber every service uses.
+
+FastStream consumes (batch subscriber, Prometheus middleware, AsyncAPI);
+a plain AIOKafkaProducer publishes, because FastStream's publish takes
+headers as `dict[str, str]` and a dead letter must carry the original header
+bytes untouched.
+
+At-least-once, explicitly:
+- `auto_offset_reset="earliest"`: a new consumer group starts at the beginning, never skips.
+- `AckPolicy.MANUAL`: FastStream's ACK commits a failed batch (it is lost) and
+  NACK_ON_ERROR seeks back in a tight loop. Here the batch is acked only after
+  it was processed; on failure we wait with exponential backoff, then nack
+  (seek back to the batch start), so the same records come again.
+- A rebalance listener waits for the batch in flight before partitions go,
+  then drops the state cache (another consumer may own those customers now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, KafkaError
+from faststream import AckPolicy, Context
+from faststream.kafka import KafkaBroker, KafkaMessage
+from faststream.kafka.prometheus import KafkaPrometheusMiddleware
+from prometheus_client import CollectorRegistry
+
+from services.runtime.kafka import client_options
+from services.runtime.records import Record
+from services.runtime.settings import CommonSettings
+
+log = logging.getLogger(__name__)
+
+
+class KafkaPublisher:
+    """Sends many keyed messages at once and waits for every acknowledgement."""
+
+    def __init__(self, settings: CommonSettings):
+        self.producer = AIOKafkaProducer(
+            **client_options(settings),
+            acks="all",
+            linger_ms=5,
+            # Tansu (the embedded broker) has no InitProducerId, so no idempotent producer;
+            # consumers dedup on event_id instead.
+            enable_idempotence=False,
+            max_request_size=max(settings.max_message_bytes * 2, 1_048_576),
+        )
+
+    async def start(self) -> None:
+        await self.producer.start()
+
+    async def stop(self) -> None:
+        await self.producer.stop()
+
+    async def send_many(self, messages: Sequence[tuple[str, bytes | None, bytes | None, tuple]]) -> None:
+        futures = [
+            await self.producer.send(topic, value, key=key, headers=list(headers) or None)
+            for topic, key, value, headers in messages
+        ]
+        await asyncio.gather(*futures)
+
+
+def make_broker(settings: CommonSettings, service: str, registry: CollectorRegistry) -> KafkaBroker:
+    opts = client_options(settings)
+    bootstrap = opts.pop("bootstrap_servers")
+    security = None
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        from faststream.security import SASLPlaintext, SASLScram256, SASLScram512, BaseSecurity
+
+        ssl_context = opts.get("ssl_context")
+        user = settings.kafka_sasl_username or ""
+        password = settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+        use_ssl = settings.kafka_security_protocol.endswith("SSL")
+        if settings.kafka_security_protocol == "SSL":
+            security = BaseSecurity(ssl_context=ssl_context, use_ssl=True)
+        else:
+            cls = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}[
+                settings.kafka_sasl_mechanism
+            ]
+            security = cls(username=user, password=password, ssl_context=ssl_context, use_ssl=use_ssl)
+    return KafkaBroker(
+        bootstrap,
+        security=security,
+        client_id=f"crm-{service}",
+        middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name=service, metrics_prefix="crm_faststream")],
+        logger=logging.getLogger(f"faststream.{service}"),
+    )
+
+
+async def _raw_decoder(msg):
+    # Keep bytes: the pipeline validates them and dead-letters what fails.
+    return msg.body
+
+
+async def _header_safe_parser(records, original):
+    # FastStream decodes header values as UTF-8 before the handler; a bad header
+    # must reach the pipeline (and the DLQ) instead of failing the whole batch.
+    clean = tuple(
+        dataclasses.replace(r, headers=tuple((k, (v or b"").decode("utf-8", "replace").encode()) for k, v in r.headers))
+        for r in records
+    )
+    message = await original(clean)
+    message.raw_message = records
+    return message
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, lock: asyncio.Lock, on_revoke: Callable[[], None], timeout_s: float):
+        self.lock = lock
+        self.on_revoke = on_revoke
+        self.timeout_s = timeout_s
+
+    async def on_partitions_revoked(self, revoked):
+        # Let the batch in flight finish and commit before the partitions move.
+        try:
+            await asyncio.wait_for(self.lock.acquire(), self.timeout_s)
+        except TimeoutError:
+            log.warning("rebalance: batch still running after %.0fs; its commit may fail and it will be redelivered",
+                        self.timeout_s)
+            self.on_revoke()
+            return
+        try:
+            self.on_revoke()
+        finally:
+            self.lock.release()
+        if revoked:
+            log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+
+    async def on_partitions_assigned(self, assigned):
+        log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+def subscribe_batches(
+    broker: KafkaBroker,
+    topics: Sequence[str],
+    *,
+    group_id: str,
+    settings: CommonSettings,
+    handle: Callable[[list[Record]], Awaitable[object]],
+    lock: asyncio.Lock,
+    on_revoke: Callable[[], None],
+):
+    """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start)."""
+    attempt = 0
+
+    async def handler(bodies: list, msg: KafkaMessage = Context("message")) -> None:
+        nonlocal attempt
+        records = [
+            Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp or 0)
+            for r in msg.raw_message
+        ]
+        try:
+            await handle(records)
+        except Exception:
+            attempt += 1
+            delay = min(settings.retry_base_delay_s * 2 ** min(attempt, 10), 30.0)
+            log.exception("batch of %d failed (attempt %d); redelivering in %.1fs", len(records), attempt, delay)
+            await asyncio.sleep(delay)
+            await msg.nack()
+            return
+        attempt = 0
+        try:
+            await msg.ack()
+        except (CommitFailedError, KafkaError) as exc:
+            # Partitions moved during the batch: the new owner gets it again and dedups.
+            log.warning("offset commit failed (%s); the batch will be redelivered to the partition's owner", exc)
+
+    sub = broker.subscriber(
+        *topics,
+        batch=True,
+        group_id=group_id,
+        auto_offset_reset="earliest",
+        max_records=settings.batch_max_records,
+        batch_timeout_ms=settings.batch_timeout_ms,
+        ack_policy=AckPolicy.MANUAL,
+        listener=_Rebalance(lock, on_revoke, timeout_s=60.0),
+        decoder=_raw_decoder,
+        parser=_header_safe_parser,
+        max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),
+    )
+    sub(handler)
+    return sub
+
+
+async def consumer_lag(sub) -> list[tuple[str, int, int]]:
+    """(topic, partition, lag) for the partitions this consumer owns."""
+    consumer = getattr(sub, "consumer", None)
+    if consumer is None:
+        return []
+    out = []
+    with contextlib.suppress(KafkaError, AssertionError):
+        parts = sorted(consumer.assignment())
+        ends = await consumer.end_offsets(parts)
+        for tp in parts:
+            pos = await consumer.position(tp)
+            out.append((tp.topic, tp.partition, max(ends[tp] - pos, 0)))
+    return out

@@ -1,0 +1,175 @@
+"""The batch pipeline every stateful service runs: parse, dedup, apply, save once, publish, commit.
+
+    records ─► parse (invalid ─► <topic>.dlq) ─► group by customer ─► load docs (cache, one $in read)
+            ─► domain.apply per event (skip seen ids) ─► one bulk write ─► publish outbox + dead letters
+            ─► return (the caller commits the offsets)
+
+The domain is a pure function `apply(state, event, now) -> (state, derived events)`;
+everything with I/O is here, once, for all services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from contracts import Event, InvalidMessage, Registry
+from contracts.topics import dlq
+from services.runtime.clock import Clock
+from services.runtime.logs import customer_id_var, event_id_var
+from services.runtime.records import DeadLetter, Record
+from services.runtime.statestore import CustomerDoc, OutboxEntry, StateStore, with_backoff
+
+log = logging.getLogger(__name__)
+
+
+class Domain(Protocol):
+    """A service's pure core. `state` is the JSON-able dict stored for the customer (None if new)."""
+
+    def apply(self, state: dict[str, Any] | None, event: Event, now: datetime) -> tuple[dict[str, Any] | None, list[Event]]: ...
+
+
+class Publisher(Protocol):
+    async def send_many(self, messages: Sequence[tuple[str, bytes | None, bytes | None, tuple]]) -> None:
+        """Send (topic, key, value, headers) messages and return once every one is acknowledged."""
+
+
+@dataclass
+class BatchResult:
+    consumed: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    published: int = 0
+    docs_written: int = 0
+    derived: list[Event] = field(default_factory=list)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        service: str,
+        domain: Domain,
+        registry: Registry,
+        store: StateStore,
+        publisher: Publisher,
+        clock: Clock,
+        topic_name=lambda t: t,
+        logical_topic=lambda t: t,
+        dedup_window: int = 2000,
+        retry_attempts: int = 4,
+        retry_base_delay_s: float = 0.2,
+        failpoint: str | None = None,
+        metrics: Any = None,
+    ):
+        self.service = service
+        self.domain = domain
+        self.registry = registry
+        self.store = store
+        self.publisher = publisher
+        self.clock = clock
+        self.topic_name = topic_name  # logical -> physical (adds the configured prefix)
+        self.logical_topic = logical_topic  # physical -> logical
+        self.dedup_window = dedup_window
+        self.retry_attempts = retry_attempts
+        self.retry_base_delay_s = retry_base_delay_s
+        self.failpoint = failpoint
+        self.metrics = metrics
+        # Held while a batch or a time-driven sweep changes state: both touch the same cached docs.
+        self.lock = asyncio.Lock()
+
+    async def handle(self, records: Sequence[Record]) -> BatchResult:
+        async with self.lock:
+            return await self._handle(records)
+
+    async def _handle(self, records: Sequence[Record]) -> BatchResult:
+        started = time.perf_counter()
+        result = BatchResult(consumed=len(records))
+        by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
+        for rec in records:
+            try:
+                event = self.registry.parse(rec.value, rec.key)
+            except InvalidMessage as exc:
+                result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
+                continue
+            by_customer[event.customer_id].append((event, rec))
+
+        docs = await with_backoff(
+            lambda: self.store.load(by_customer.keys()),
+            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="store read",
+        )
+        for cid, items in by_customer.items():
+            # Across topics Kafka gives no order for one customer; event time is the best we have.
+            items.sort(key=lambda it: it[0].occurred_at)
+            self._apply_customer(docs[cid], items, result)
+
+        result.docs_written = await with_backoff(
+            lambda: self.store.save(docs.values()),
+            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="store write",
+        )
+        if self.failpoint == "after_store_write" and result.docs_written:
+            # Fault injection for the crash tests: die exactly between write and publish.
+            log.error("failpoint after_store_write: exiting")
+            os._exit(86)
+        result.published = await self._publish(docs.values(), result.dead_letters)
+        if self.metrics is not None:
+            self.metrics.observe_batch(self.service, result, records, time.perf_counter() - started)
+        return result
+
+    def _apply_customer(self, doc: CustomerDoc, items: list[tuple[Event, Record]], result: BatchResult) -> None:
+        for event, rec in items:
+            eid = str(event.event_id)
+            if doc.has_seen(eid):
+                result.duplicates += 1
+                continue
+            self.clock.observe(event.occurred_at)
+            token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
+            try:
+                state, derived = self.domain.apply(doc.state, event, self.clock.now())
+            except Exception as exc:  # noqa: BLE001 - a poison event must not stop the partition
+                log.exception("processing %s failed", event.type)
+                result.dead_letters.append(
+                    DeadLetter(rec, f"processing failed: {type(exc).__name__}: {exc}", self.service)
+                )
+                continue
+            finally:
+                event_id_var.reset(token_e)
+                customer_id_var.reset(token_c)
+            doc.state = state
+            doc.remember(eid, self.dedup_window)
+            for d in derived:
+                doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+            result.derived.extend(derived)
+            doc.dirty = True
+            result.applied += 1
+
+    async def _publish(self, docs, dead_letters: list[DeadLetter]) -> int:
+        messages: list[tuple[str, bytes | None, bytes | None, tuple]] = []
+        sent: list[tuple[CustomerDoc, OutboxEntry]] = []
+        for doc in docs:
+            for entry in doc.pending():
+                messages.append((self.topic_name(entry.topic), entry.key, entry.value, ()))
+                sent.append((doc, entry))
+        for dl in dead_letters:
+            physical_dlq = dlq(dl.record.topic)
+            messages.append((physical_dlq, dl.record.key, dl.record.value, dl.headers()))
+            log.warning("dead-lettered %s[%d]@%d to %s: %s", dl.record.topic, dl.record.partition,
+                        dl.record.offset, physical_dlq, dl.reason)
+        if not messages:
+            return 0
+        await with_backoff(
+            lambda: self.publisher.send_many(messages),
+            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="publish",
+            transient=(Exception,),
+        )
+        for doc, entry in sent:
+            doc.published.add(entry.event_id)
+        return len(messages)

@@ -1,0 +1,65 @@
+"""Settings shared by every service (prefix `CRM_`) and the base of per-service settings.
+
+Every field is an environment variable; README.md has the table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    # Prepended to every topic name: lets several environments (or test runs) share one cluster.
+    topic_prefix: str = ""
+    topic_partitions: int = Field(6, ge=1)
+    create_topics: bool = True
+
+    mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
+    # Prepended to each service's database name (crm_profile, crm_loyalty, ...).
+    db_prefix: str = "crm_"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every key this system writes starts with this; nothing else in Redis is touched.
+    redis_prefix: str = "crm:"
+
+    clock: Literal["wall", "event"] = "wall"
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    batch_max_records: int = Field(500, ge=1, le=10_000)
+    batch_timeout_ms: int = Field(100, ge=1)
+    max_message_bytes: int = Field(1_000_000, ge=1024)
+    # A message-specific failure is retried this many times, with exponential backoff, then dead-lettered.
+    retry_attempts: int = Field(4, ge=1)
+    retry_base_delay_s: float = Field(0.2, ge=0)
+    # Event ids remembered per customer for dedup (the most recent ones).
+    dedup_window: int = Field(2000, ge=10)
+    # Fault injection for tests ("after_store_write"): the process dies at that point.
+    failpoint: str | None = None
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+class ServiceSettings(BaseSettings):
+    """Per-service settings; subclasses set `env_prefix` (e.g. `CRM_PROFILE_`) and defaults."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8100
+    group_id: str = ""
+    database: str = ""
+    # Bearer token for the read API; empty disables the read API.
+    api_token: SecretStr = SecretStr("")
