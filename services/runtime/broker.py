@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
-from faststream import AckPolicy, Context
+from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
 from prometheus_client import CollectorRegistry
@@ -148,7 +148,7 @@ def subscribe_batches(
     """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start)."""
     attempt = 0
 
-    async def handler(bodies: list, msg: KafkaMessage = Context("message")) -> None:
+    async def handler(bodies: list, msg: KafkaMessage) -> None:
         nonlocal attempt
         records = [
             Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp or 0)

@@ -1,0 +1,150 @@
+"""The runtime's promises, on real servers: commit after processing, dead letters, dedup, outbox."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+from aiokafka import TopicPartition
+from pymongo import AsyncMongoClient
+
+from contracts import derived_id
+from services.runtime.deadletters import list_dead_letters, replay_dead_letters
+from services.runtime.records import DLQ_OFFSET, DLQ_REASON, DLQ_TOPIC, header
+from tests.support.backends import free_port
+from tests.support.kafka import encode, eventually, produce, purchase, read_topic
+from tests.support.probe_service import ProbeSettings, build
+
+
+async def _state(common, customer_id):
+    client = AsyncMongoClient(common.mongo_url)
+    try:
+        return await client[f"{common.db_prefix}probe"]["customers"].find_one({"_id": customer_id})
+    finally:
+        await client.close()
+
+
+async def _committed(host, topic: str) -> dict[int, int]:
+    consumer = host.subscriber.consumer
+    out = {}
+    for tp in sorted(consumer.assignment()):
+        if tp.topic == topic:
+            out[tp.partition] = await consumer.committed(tp) or 0
+    return out
+
+
+async def test_purchase_is_consumed_and_its_offset_committed(common):
+    host = build(common, ProbeSettings(http_port=free_port()))
+    topic = common.topic("shop.purchases")
+    await host.start()
+    try:
+        await produce(common.kafka_bootstrap, topic, [(b"c-1", encode(purchase("c-1", total="12.30")), None)])
+        state = await eventually(lambda: _state(common, "c-1"))
+        assert state["s"] == {"purchases": 1, "spend": "12.30"}
+        # Exactly one record was produced: the committed offsets must add up to 1.
+        committed = await eventually(lambda: _sum_committed(host, topic, 1))
+        assert committed == 1
+    finally:
+        await host.stop()
+
+
+async def _sum_committed(host, topic, want):
+    total = sum((await _committed(host, topic)).values())
+    return total if total == want else None
+
+
+async def test_malformed_message_is_dead_lettered_and_the_next_one_processed(common):
+    host = build(common, ProbeSettings(http_port=free_port()))
+    topic = common.topic("shop.purchases")
+    bad = encode(purchase("c-2", total="5.00")).replace(b'"5.00"', b"5.00", 1)  # float money
+    good = encode(purchase("c-2", total="7.00"))
+    await produce(common.kafka_bootstrap, topic, [(b"c-2", bad, [("trace", b"abc")]), (b"c-2", good, None)])
+    await host.start()
+    try:
+        state = await eventually(lambda: _state(common, "c-2"))
+        assert state["s"]["spend"] == "7.00"
+        letters = await read_topic(common.kafka_bootstrap, topic + ".dlq", expect=1)
+        assert len(letters) == 1
+        dl = letters[0]
+        assert dl.value == bad and dl.key == b"c-2"  # the original bytes
+        headers = tuple(dl.headers)
+        assert ("trace", b"abc") in headers  # original headers kept
+        assert header(headers, DLQ_TOPIC) == topic
+        assert header(headers, DLQ_OFFSET) == "0"
+        assert "data.total" in header(headers, DLQ_REASON) and "decimal string" in header(headers, DLQ_REASON)
+        # The CLI's view of the same dead letter.
+        listed = await list_dead_letters(common, "shop.purchases")
+        assert [d.reason for d in listed] == [header(headers, DLQ_REASON)]
+    finally:
+        await host.stop()
+
+
+async def test_dead_letters_replay_once_to_their_topic(common):
+    topic = common.topic("shop.purchases")
+    await produce(common.kafka_bootstrap, topic + ".dlq", [(b"c-3", b"not json", [("x-dlq-reason", b"invalid")])])
+    assert await replay_dead_letters(common, "shop.purchases") == 1
+    assert await replay_dead_letters(common, "shop.purchases") == 0  # already replayed
+    replayed = await read_topic(common.kafka_bootstrap, topic, expect=1)
+    assert [(r.key, r.value, list(r.headers)) for r in replayed] == [(b"c-3", b"not json", [])]
+
+
+async def test_same_event_twice_changes_state_once_and_publishes_once(common):
+    host = build(common, ProbeSettings(http_port=free_port()))
+    topic = common.topic("shop.purchases")
+    event = purchase("c-4", total="3.00")
+    await host.start()
+    try:
+        # Once in the same batch, once in a later one.
+        await produce(common.kafka_bootstrap, topic, [(b"c-4", encode(event), None)] * 2)
+        await eventually(lambda: _sum_committed(host, topic, 2))
+        await produce(common.kafka_bootstrap, topic, [(b"c-4", encode(event), None)])
+        await eventually(lambda: _sum_committed(host, topic, 3))
+        state = await _state(common, "c-4")
+        assert state["s"] == {"purchases": 1, "spend": "3.00"}
+        care = await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=1)
+        assert len(care) == 1
+        assert json.loads(care[0].value)["event_id"] == str(
+            derived_id(uuid.UUID(event["event_id"]), "CareRequested", ""))
+    finally:
+        await host.stop()
+
+
+async def test_crash_between_store_write_and_publish_publishes_exactly_once_after_restart(common, tmp_path):
+    topic = common.topic("shop.purchases")
+    event = purchase("c-5", total="9.99")
+    env = {
+        **os.environ,
+        "CRM_KAFKA_BOOTSTRAP": common.kafka_bootstrap,
+        "CRM_MONGO_URL": common.mongo_url,
+        "CRM_TOPIC_PREFIX": common.topic_prefix,
+        "CRM_DB_PREFIX": common.db_prefix,
+        "CRM_BATCH_TIMEOUT_MS": "50",
+        "CRM_PROBE_HTTP_PORT": str(free_port()),
+        "CRM_LOG_JSON": "false",
+    }
+    await produce(common.kafka_bootstrap, topic, [(b"c-5", encode(event), None)])
+    argv = [sys.executable, "-m", "tests.support.probe_service"]
+    crashed = await asyncio.to_thread(
+        subprocess.run, argv, env={**env, "CRM_FAILPOINT": "after_store_write"}, timeout=60, capture_output=True
+    )
+    assert crashed.returncode == 86, crashed.stderr.decode()[-2000:]
+    # The state was written, the derived event was not published, the offset was not committed.
+    assert (await _state(common, "c-5"))["s"]["purchases"] == 1
+    assert await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=1, timeout=1, settle=0) == []
+
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        care = await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=1, timeout=60, settle=2)
+        assert len(care) == 1
+        body = json.loads(care[0].value)
+        assert body["data"]["kind"] == "first_purchase_thanks"
+        assert body["causation_id"] == event["event_id"]
+        # Redelivered after the crash, the purchase itself was not counted twice.
+        assert (await _state(common, "c-5"))["s"]["purchases"] == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:]
