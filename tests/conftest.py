@@ -31,6 +31,9 @@ async def common(backend, namespace):
         db_prefix=f"{namespace}_",
         redis_prefix=f"crm-test:{namespace}:",
         batch_timeout_ms=50,
+        # A fresh group waits about half the session timeout for members; keep tests quick.
+        kafka_session_timeout_ms=3000,
+        kafka_heartbeat_interval_ms=500,
         retry_base_delay_s=0.05,
     )
     await ensure_topics(settings)

@@ -182,6 +182,8 @@ def subscribe_batches(
         decoder=_raw_decoder,
         parser=_header_safe_parser,
         max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
     )
     sub(handler)
     return sub

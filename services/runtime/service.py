@@ -69,8 +69,9 @@ class ServiceHost:
             failpoint=common.failpoint,
             metrics=self.metrics,
         )
+        self.group_id = common.group(settings.group_id or f"crm-{spec.name}")
         self.subscriber = subscribe_batches(
-            self.broker, physical, group_id=settings.group_id or f"crm-{spec.name}", settings=common,
+            self.broker, physical, group_id=self.group_id, settings=common,
             handle=self.pipeline.handle, lock=self.pipeline.lock, on_revoke=self.store.drop_cache,
         )
         self._lag: list[tuple[str, int, int]] = []
@@ -102,7 +103,7 @@ class ServiceHost:
         self._started = True
         self.metrics.up.labels(self.spec.name).set(1)
         log.info("%s started: consuming %s as group %s, http on %s:%d", self.spec.name,
-                 ", ".join(self.spec.consumes), self.settings.group_id or f"crm-{self.spec.name}",
+                 ", ".join(self.spec.consumes), self.group_id,
                  self.settings.http_host, self.settings.http_port)
 
     async def stop(self) -> None:

@@ -22,6 +22,10 @@ class CommonSettings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
     # Prepended to every topic name: lets several environments (or test runs) share one cluster.
+    # A consumer that stops heartbeating for this long is dropped from its group. A new
+    # group member waits about half of it before the first assignment (Tansu).
+    kafka_session_timeout_ms: int = Field(10_000, ge=1000)
+    kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
     topic_prefix: str = ""
     topic_partitions: int = Field(6, ge=1)
     create_topics: bool = True
@@ -49,6 +53,10 @@ class CommonSettings(BaseSettings):
     failpoint: str | None = None
 
     def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    def group(self, name: str) -> str:
+        """Consumer groups are namespaced like topics, so environments sharing a cluster stay apart."""
         return f"{self.topic_prefix}{name}"
 
 

@@ -123,6 +123,8 @@ async def test_crash_between_store_write_and_publish_publishes_exactly_once_afte
         "CRM_TOPIC_PREFIX": common.topic_prefix,
         "CRM_DB_PREFIX": common.db_prefix,
         "CRM_BATCH_TIMEOUT_MS": "50",
+        "CRM_KAFKA_SESSION_TIMEOUT_MS": "3000",
+        "CRM_KAFKA_HEARTBEAT_INTERVAL_MS": "500",
         "CRM_PROBE_HTTP_PORT": str(free_port()),
         "CRM_LOG_JSON": "false",
     }

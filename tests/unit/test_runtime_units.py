@@ -1,0 +1,61 @@
+"""Pure pieces of the runtime: log masking, the dedup window, the outbox trim, the clock."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+
+from services.runtime.clock import EventClock
+from services.runtime.logs import JsonFormatter, customer_id_var, mask_text
+from services.runtime.records import DLQ_REASON, DeadLetter, Record, header
+from services.runtime.statestore import CustomerDoc, OutboxEntry
+
+
+def test_personal_data_is_masked_in_log_lines():
+    assert mask_text("sent to li.lei@example.com") == "sent to l***@example.com"
+    assert mask_text("sms to +8613800001234 ok") == "sms to +***1234 ok"
+    record = logging.makeLogRecord({"msg": "welcome %s", "args": ("zhang@example.cn",), "name": "x",
+                                    "levelname": "INFO", "phone": "+447700900123", "name_": 1})
+    record.__dict__["email"] = "a.b@example.org"
+    token = customer_id_var.set("c-9")
+    try:
+        line = json.loads(JsonFormatter("profile").format(record))
+    finally:
+        customer_id_var.reset(token)
+    assert line["msg"] == "welcome z***@example.cn"
+    assert line["email"] == "a***@example.org" and line["phone"] == "+***0123"
+    assert line["customer_id"] == "c-9" and line["service"] == "profile"
+    assert "zhang@" not in json.dumps(line)
+
+
+def test_dedup_window_keeps_the_most_recent_ids():
+    doc = CustomerDoc("c-1")
+    for i in range(15):
+        doc.remember(f"e{i}", window=10)
+    assert not doc.has_seen("e4") and doc.has_seen("e5") and doc.has_seen("e14")
+    assert len(doc.seen) == len(doc.seen_set) == 10
+
+
+def test_published_outbox_entries_are_trimmed_on_the_next_write():
+    doc = CustomerDoc("c-1", outbox=[OutboxEntry("crm.care", "a", b"{}", b"c-1"),
+                                     OutboxEntry("crm.care", "b", b"{}", b"c-1")])
+    doc.published.add("a")
+    stored = doc.to_doc()
+    assert [e["id"] for e in stored["outbox"]] == ["b"]
+    assert CustomerDoc.from_doc(stored).pending()[0].event_id == "b"
+
+
+def test_event_clock_never_goes_back():
+    clock = EventClock()
+    clock.observe(datetime(1997, 3, 1, tzinfo=UTC))
+    clock.observe(datetime(1997, 1, 1, tzinfo=UTC))
+    assert clock.now() == datetime(1997, 3, 1, tzinfo=UTC)
+
+
+def test_dead_letter_headers_keep_the_original_ones_and_add_the_reason():
+    rec = Record("shop.purchases", 3, 42, b"c-1", b"x", (("trace", b"\xff"), (DLQ_REASON, b"old")))
+    headers = DeadLetter(rec, "bad", "profile").headers()
+    assert ("trace", b"\xff") in headers
+    assert header(headers, DLQ_REASON) == "bad"
+    assert sum(1 for k, _ in headers if k == DLQ_REASON) == 1
