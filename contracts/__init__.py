@@ -20,4 +20,15 @@ def registry_for(*topic_names: str, max_bytes: int = 1_000_000) -> Registry:
     return Registry.of(*models, max_bytes=max_bytes)
 
 
-__all__ = ["EVENTS_BY_TOPIC", "Event", "InvalidMessage", "Registry", "crm", "derive", "derived_id", "registry_for", "shop", "topics"]
+__all__ = [
+    "EVENTS_BY_TOPIC",
+    "Event",
+    "InvalidMessage",
+    "Registry",
+    "crm",
+    "derive",
+    "derived_id",
+    "registry_for",
+    "shop",
+    "topics",
+]

@@ -60,8 +60,9 @@ def derived_id(cause: uuid.UUID, *parts: object) -> uuid.UUID:
     return uuid.uuid5(DERIVED_NAMESPACE, "/".join([str(cause), *map(str, parts)]))
 
 
-def derive(cls: type[Event], cause: Event, data: Payload, *, producer: str, discriminator: object = "",
-           occurred_at: Any = None) -> Event:
+def derive(
+    cls: type[Event], cause: Event, data: Payload, *, producer: str, discriminator: object = "", occurred_at: Any = None
+) -> Event:
     """Build the event that `cause` leads to, with an id that only depends on the cause."""
     return cls(
         event_id=derived_id(cause.event_id, cls.__name__, discriminator),

@@ -46,10 +46,19 @@ def asyncapi_document() -> dict:
     for topic in topics.ALL:
         message = _topic_message(topic)
         types = ", ".join(m.__name__ for m in EVENTS_BY_TOPIC[topic])
-        broker.publisher(topic, schema=message, title=topic,
-                         description=f"Key: customer_id. Events: {types}. Dead letters go to {topics.dlq(topic)}.")
-    spec = AsyncAPI(broker, title="CRM event backbone", version="1.0.0", schema_version="3.0.0",
-                    description="Topics, envelopes and payloads. Generated from contracts/ by `crm contracts generate`.")
+        broker.publisher(
+            topic,
+            schema=message,
+            title=topic,
+            description=f"Key: customer_id. Events: {types}. Dead letters go to {topics.dlq(topic)}.",
+        )
+    spec = AsyncAPI(
+        broker,
+        title="CRM event backbone",
+        version="1.0.0",
+        schema_version="3.0.0",
+        description="Topics, envelopes and payloads. Generated from contracts/ by `crm contracts generate`.",
+    )
     return json.loads(spec.to_specification().to_json())
 
 
@@ -89,8 +98,8 @@ def generate() -> list[Path]:
 def drift() -> list[str]:
     """Paths whose committed content differs from what the models generate."""
     files = rendered()
-    problems = [str(p.relative_to(HERE.parent)) for p, text in files.items()
-                if not p.exists() or p.read_text() != text]
-    problems += [f"{p.relative_to(HERE.parent)} (no longer generated)"
-                 for p in set(SCHEMA_DIR.glob("*.json")) - set(files)]
+    problems = [str(p.relative_to(HERE.parent)) for p, text in files.items() if not p.exists() or p.read_text() != text]
+    problems += [
+        f"{p.relative_to(HERE.parent)} (no longer generated)" for p in set(SCHEMA_DIR.glob("*.json")) - set(files)
+    ]
     return sorted(problems)

@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import AfterValidator, AwareDatetime, BeforeValidator, Field, PlainSerializer, StringConstraints
 
 # Active ISO 4217 alphabetic codes (funds and precious metals excluded).
+# A word list reads better than 180 quoted strings.
 ISO_4217 = frozenset(
     """AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BHD BIF BMD BND BOB BRL BSD BTN BWP BYN
     BZD CAD CDF CHF CLP CNY COP CRC CUC CUP CVE CZK DJF DKK DOP DZD EGP ERN ETB EUR FJD FKP GBP GEL GHS
@@ -24,7 +25,7 @@ ISO_4217 = frozenset(
     KYD KZT LAK LBP LKR LRD LSL LYD MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MYR MZN NAD NGN NIO
     NOK NPR NZD OMR PAB PEN PGK PHP PKR PLN PYG QAR RON RSD RUB RWF SAR SBD SCR SDG SEK SGD SHP SLE SLL
     SOS SRD SSP STN SVC SYP SZL THB TJS TMT TND TOP TRY TTD TWD TZS UAH UGX USD UYU UYW UZS VED VES VND
-    VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL""".split()
+    VUV WST XAF XCD XCG XOF XPF YER ZAR ZMW ZWG ZWL""".split()  # noqa: SIM905
 )
 
 _DECIMAL_RE = re.compile(r"^-?\d{1,15}(\.\d{1,6})?$")
@@ -35,7 +36,7 @@ def _decimal_from_string(value: Any) -> Any:
     if isinstance(value, Decimal):
         return value
     if not isinstance(value, str):
-        raise ValueError("money must be a decimal string such as \"12.30\", not a JSON number")
+        raise ValueError('money must be a decimal string such as "12.30", not a JSON number')
     if not _DECIMAL_RE.match(value):
         raise ValueError(f"{value!r} is not a plain decimal string (digits, optional point, up to 6 decimals)")
     try:

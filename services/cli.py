@@ -88,8 +88,10 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             print(f"{len(letters)} dead letter(s) in {common.topic(args.topic)}.dlq")
             for dl in letters:
                 s = dl.summary()
-                print(f"  [{s['dlq_partition']}@{s['dlq_offset']}] from {args.topic}[{s['source_partition']}]"
-                      f"@{s['source_offset']} key={s['key']} by {s['consumer']}: {s['reason']}")
+                print(
+                    f"  [{s['dlq_partition']}@{s['dlq_offset']}] from {args.topic}[{s['source_partition']}]"
+                    f"@{s['source_offset']} key={s['key']} by {s['consumer']}: {s['reason']}"
+                )
     else:
         n = asyncio.run(replay_dead_letters(common, args.topic, from_beginning=args.from_beginning))
         print(f"replayed {n} dead letter(s) to {common.topic(args.topic)}")

@@ -70,7 +70,7 @@ def make_broker(settings: CommonSettings, service: str, registry: CollectorRegis
     bootstrap = opts.pop("bootstrap_servers")
     security = None
     if settings.kafka_security_protocol != "PLAINTEXT":
-        from faststream.security import SASLPlaintext, SASLScram256, SASLScram512, BaseSecurity
+        from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
 
         ssl_context = opts.get("ssl_context")
         user = settings.kafka_sasl_username or ""
@@ -120,8 +120,10 @@ class _Rebalance(ConsumerRebalanceListener):
         try:
             await asyncio.wait_for(self.lock.acquire(), self.timeout_s)
         except TimeoutError:
-            log.warning("rebalance: batch still running after %.0fs; its commit may fail and it will be redelivered",
-                        self.timeout_s)
+            log.warning(
+                "rebalance: batch still running after %.0fs; its commit may fail and it will be redelivered",
+                self.timeout_s,
+            )
             self.on_revoke()
             return
         try:

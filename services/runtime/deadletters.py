@@ -65,8 +65,13 @@ async def _read(consumer: AIOKafkaConsumer, parts: list[TopicPartition]) -> Asyn
 
 async def list_dead_letters(settings: CommonSettings, topic: str) -> list[DeadLetterView]:
     name = settings.topic(dlq(topic))
-    consumer = AIOKafkaConsumer(**client_options(settings), enable_auto_commit=False, group_id=None,
-                                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
     await consumer.start()
     try:
         parts = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
@@ -89,9 +94,14 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
     name = settings.topic(dlq(topic))
     target = settings.topic(topic)
     group = f"crm-dlq-replay.{name}"
-    consumer = AIOKafkaConsumer(**client_options(settings), group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_bytes=64 * 1024 * 1024,
-                                max_partition_fetch_bytes=16 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
     producer = AIOKafkaProducer(**client_options(settings), acks="all", max_request_size=16 * 1024 * 1024)
     await consumer.start()
     await producer.start()
@@ -108,8 +118,9 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
         count = 0
         futures = []
         async for dl in _read(consumer, parts):
-            futures.append(await producer.send(target, dl.value, key=dl.key,
-                                               headers=list(strip_dlq_headers(dl.headers))))
+            futures.append(
+                await producer.send(target, dl.value, key=dl.key, headers=list(strip_dlq_headers(dl.headers)))
+            )
             count += 1
         for f in futures:
             await f

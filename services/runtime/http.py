@@ -14,8 +14,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 
-def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, dict]], routes: Sequence[BaseRoute] = (),
-             before_scrape: Callable[[], object] | None = None) -> Starlette:
+def make_app(
+    registry: CollectorRegistry,
+    ready: Callable[[], tuple[bool, dict]],
+    routes: Sequence[BaseRoute] = (),
+    before_scrape: Callable[[], object] | None = None,
+) -> Starlette:
     async def metrics(_: Request) -> Response:
         if before_scrape is not None:
             result = before_scrape()
@@ -30,8 +34,7 @@ def make_app(registry: CollectorRegistry, ready: Callable[[], tuple[bool, dict]]
         ok, detail = ready()
         return JSONResponse({"ready": ok, **detail}, status_code=200 if ok else 503)
 
-    return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz),
-                             *routes])
+    return Starlette(routes=[Route("/metrics", metrics), Route("/healthz", healthz), Route("/readyz", readyz), *routes])
 
 
 def require_token(token: str):
@@ -41,8 +44,7 @@ def require_token(token: str):
         async def guarded(request: Request) -> Response:
             given = request.headers.get("authorization", "")
             if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return JSONResponse({"error": "unauthorized"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse({"error": "unauthorized"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
             return await endpoint(request)
 
         return guarded

@@ -70,7 +70,9 @@ class TextFormatter(logging.Formatter):
 def configure(service: str, level: str = "INFO", as_json: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter(service) if as_json else TextFormatter(f"%(asctime)s {service} %(levelname)s %(name)s %(message)s")
+        JsonFormatter(service)
+        if as_json
+        else TextFormatter(f"%(asctime)s {service} %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -22,8 +22,9 @@ class LagCollector(Collector):
         self.source = source
 
     def collect(self):
-        g = GaugeMetricFamily("crm_consumer_lag", "Messages not yet consumed, per partition",
-                              labels=["service", "topic", "partition"])
+        g = GaugeMetricFamily(
+            "crm_consumer_lag", "Messages not yet consumed, per partition", labels=["service", "topic", "partition"]
+        )
         for topic, partition, lag in self.source():
             g.add_metric([self.service, topic, str(partition)], lag)
         yield g
@@ -32,23 +33,41 @@ class LagCollector(Collector):
 class PipelineMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry
-        self.consumed = Counter("crm_events_consumed", "Valid events consumed", ["service", "topic", "type"],
-                                registry=registry)
-        self.duplicates = Counter("crm_events_duplicate", "Redelivered events ignored by dedup", ["service"],
-                                  registry=registry)
-        self.dead_letters = Counter("crm_dead_letters", "Messages sent to a dead-letter topic", ["service", "topic"],
-                                    registry=registry)
-        self.published = Counter("crm_events_published", "Derived events published", ["service", "topic", "type"],
-                                 registry=registry)
-        self.store_writes = Counter("crm_store_writes", "Documents written to the store", ["service"],
-                                    registry=registry)
-        self.batch_seconds = Histogram("crm_batch_seconds", "Time to process one consumed batch", ["service"],
-                                       registry=registry,
-                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.batch_size = Histogram("crm_batch_size", "Records per consumed batch", ["service"], registry=registry,
-                                    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000))
-        self.last_event_time = Gauge("crm_last_event_timestamp_seconds", "Event time of the newest event consumed",
-                                     ["service"], registry=registry)
+        self.consumed = Counter(
+            "crm_events_consumed", "Valid events consumed", ["service", "topic", "type"], registry=registry
+        )
+        self.duplicates = Counter(
+            "crm_events_duplicate", "Redelivered events ignored by dedup", ["service"], registry=registry
+        )
+        self.dead_letters = Counter(
+            "crm_dead_letters", "Messages sent to a dead-letter topic", ["service", "topic"], registry=registry
+        )
+        self.published = Counter(
+            "crm_events_published", "Derived events published", ["service", "topic", "type"], registry=registry
+        )
+        self.store_writes = Counter(
+            "crm_store_writes", "Documents written to the store", ["service"], registry=registry
+        )
+        self.batch_seconds = Histogram(
+            "crm_batch_seconds",
+            "Time to process one consumed batch",
+            ["service"],
+            registry=registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.batch_size = Histogram(
+            "crm_batch_size",
+            "Records per consumed batch",
+            ["service"],
+            registry=registry,
+            buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 5000),
+        )
+        self.last_event_time = Gauge(
+            "crm_last_event_timestamp_seconds",
+            "Event time of the newest event consumed",
+            ["service"],
+            registry=registry,
+        )
         self.up = Gauge("crm_service_ready", "1 when the service is ready", ["service"], registry=registry)
 
     def observe_batch(self, service: str, result, records, seconds: float) -> None:
@@ -56,9 +75,14 @@ class PipelineMetrics:
         self.batch_size.labels(service).observe(len(records))
         if result.duplicates:
             self.duplicates.labels(service).inc(result.duplicates)
+        for (topic, etype), n in result.consumed_types.items():
+            self.consumed.labels(service, topic, etype).inc(n)
         for dl in result.dead_letters:
             self.dead_letters.labels(service, dl.record.topic).inc()
         for ev in result.derived:
             self.published.labels(service, ev.TOPIC, ev.type).inc()
+        newest = max((ev.occurred_at for ev in result.derived), default=None)
+        if newest is not None:
+            self.last_event_time.labels(service).set(newest.timestamp())
         if result.docs_written:
             self.store_writes.labels(service).inc(result.docs_written)

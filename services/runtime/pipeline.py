@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 class Domain(Protocol):
     """A service's pure core. `state` is the JSON-able dict stored for the customer (None if new)."""
 
-    def apply(self, state: dict[str, Any] | None, event: Event, now: datetime) -> tuple[dict[str, Any] | None, list[Event]]: ...
+    def apply(
+        self, state: dict[str, Any] | None, event: Event, now: datetime
+    ) -> tuple[dict[str, Any] | None, list[Event]]: ...
 
 
 class Publisher(Protocol):
@@ -50,6 +52,7 @@ class BatchResult:
     published: int = 0
     docs_written: int = 0
     derived: list[Event] = field(default_factory=list)
+    consumed_types: Counter = field(default_factory=Counter)
 
 
 class Pipeline:
@@ -101,10 +104,13 @@ class Pipeline:
                 result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
                 continue
             by_customer[event.customer_id].append((event, rec))
+            result.consumed_types[(rec.topic, event.type)] += 1
 
         docs = await with_backoff(
             lambda: self.store.load(by_customer.keys()),
-            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="store read",
+            attempts=self.retry_attempts,
+            base_delay=self.retry_base_delay_s,
+            what="store read",
         )
         for cid, items in by_customer.items():
             # Across topics Kafka gives no order for one customer; event time is the best we have.
@@ -113,7 +119,9 @@ class Pipeline:
 
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),
-            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="store write",
+            attempts=self.retry_attempts,
+            base_delay=self.retry_base_delay_s,
+            what="store write",
         )
         if self.failpoint == "after_store_write" and result.docs_written:
             # Fault injection for the crash tests: die exactly between write and publish.
@@ -134,7 +142,7 @@ class Pipeline:
             token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
             try:
                 state, derived = self.domain.apply(doc.state, event, self.clock.now())
-            except Exception as exc:  # noqa: BLE001 - a poison event must not stop the partition
+            except Exception as exc:
                 log.exception("processing %s failed", event.type)
                 result.dead_letters.append(
                     DeadLetter(rec, f"processing failed: {type(exc).__name__}: {exc}", self.service)
@@ -161,13 +169,21 @@ class Pipeline:
         for dl in dead_letters:
             physical_dlq = dlq(dl.record.topic)
             messages.append((physical_dlq, dl.record.key, dl.record.value, dl.headers()))
-            log.warning("dead-lettered %s[%d]@%d to %s: %s", dl.record.topic, dl.record.partition,
-                        dl.record.offset, physical_dlq, dl.reason)
+            log.warning(
+                "dead-lettered %s[%d]@%d to %s: %s",
+                dl.record.topic,
+                dl.record.partition,
+                dl.record.offset,
+                physical_dlq,
+                dl.reason,
+            )
         if not messages:
             return 0
         await with_backoff(
             lambda: self.publisher.send_many(messages),
-            attempts=self.retry_attempts, base_delay=self.retry_base_delay_s, what="publish",
+            attempts=self.retry_attempts,
+            base_delay=self.retry_base_delay_s,
+            what="publish",
             transient=(Exception,),
         )
         for doc, entry in sent:

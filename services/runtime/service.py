@@ -39,8 +39,14 @@ class ServiceSpec:
 
 
 class ServiceHost:
-    def __init__(self, spec: ServiceSpec, common: CommonSettings, settings: ServiceSettings,
-                 clock: Clock | None = None, routes: Sequence[BaseRoute] = ()):
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        common: CommonSettings,
+        settings: ServiceSettings,
+        clock: Clock | None = None,
+        routes: Sequence[BaseRoute] = (),
+    ):
         self.spec = spec
         self.common = common
         self.settings = settings
@@ -62,7 +68,7 @@ class ServiceHost:
             publisher=self.publisher,
             clock=self.clock,
             topic_name=common.topic,
-            logical_topic=lambda t: t[len(prefix):] if prefix and t.startswith(prefix) else t,
+            logical_topic=lambda t: t[len(prefix) :] if prefix and t.startswith(prefix) else t,
             dedup_window=common.dedup_window,
             retry_attempts=common.retry_attempts,
             retry_base_delay_s=common.retry_base_delay_s,
@@ -71,14 +77,20 @@ class ServiceHost:
         )
         self.group_id = common.group(settings.group_id or f"crm-{spec.name}")
         self.subscriber = subscribe_batches(
-            self.broker, physical, group_id=self.group_id, settings=common,
-            handle=self.pipeline.handle, lock=self.pipeline.lock, on_revoke=self.store.drop_cache,
+            self.broker,
+            physical,
+            group_id=self.group_id,
+            settings=common,
+            handle=self.pipeline.handle,
+            lock=self.pipeline.lock,
+            on_revoke=self.store.drop_cache,
         )
         self._lag: list[tuple[str, int, int]] = []
         self.registry.register(LagCollector(spec.name, lambda: self._lag))
         self.http = make_server(
             make_app(self.registry, self.readiness, routes, before_scrape=self._refresh_lag),
-            settings.http_host, settings.http_port,
+            settings.http_host,
+            settings.http_port,
         )
         self._started = False
         self._stop = asyncio.Event()
@@ -102,9 +114,14 @@ class ServiceHost:
         await self.broker.start()
         self._started = True
         self.metrics.up.labels(self.spec.name).set(1)
-        log.info("%s started: consuming %s as group %s, http on %s:%d", self.spec.name,
-                 ", ".join(self.spec.consumes), self.group_id,
-                 self.settings.http_host, self.settings.http_port)
+        log.info(
+            "%s started: consuming %s as group %s, http on %s:%d",
+            self.spec.name,
+            ", ".join(self.spec.consumes),
+            self.group_id,
+            self.settings.http_host,
+            self.settings.http_port,
+        )
 
     async def stop(self) -> None:
         self.metrics.up.labels(self.spec.name).set(0)

@@ -80,7 +80,7 @@ class CustomerDoc:
         self.seen_set.add(event_id)
         if len(self.seen) > window:
             drop = self.seen[: len(self.seen) - window]
-            self.seen = self.seen[len(drop):]
+            self.seen = self.seen[len(drop) :]
             self.seen_set.difference_update(drop)
 
     def pending(self) -> list[OutboxEntry]:

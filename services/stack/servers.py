@@ -90,8 +90,15 @@ def read_pid(path: Path) -> int | None:
         return None
 
 
-def start_process(name: str, argv: list[str], *, run_dir: Path, log_dir: Path, env: dict[str, str] | None = None,
-                  cwd: Path | None = None) -> subprocess.Popen:
+def start_process(
+    name: str,
+    argv: list[str],
+    *,
+    run_dir: Path,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child, closed below
@@ -170,7 +177,7 @@ def _kafka_ping(bootstrap: str) -> bool:
             await admin.start()
             await admin.list_topics()
             return True
-        except (KafkaError, OSError, asyncio.TimeoutError):
+        except (TimeoutError, KafkaError, OSError):
             return False
         finally:
             with contextlib.suppress(Exception):
@@ -255,16 +262,33 @@ class Stack:
             Server(
                 "kafka",
                 s.kafka_port,
-                [tansu_binary(), "broker", "--listener-url", f"tcp://{kafka}",
-                 "--advertised-listener-url", f"tcp://{kafka}", "--storage-engine", "memory://tansu/"],
+                [
+                    tansu_binary(),
+                    "broker",
+                    "--listener-url",
+                    f"tcp://{kafka}",
+                    "--advertised-listener-url",
+                    f"tcp://{kafka}",
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
                 lambda: _kafka_ping(kafka),
                 kafka,
             ),
             Server(
                 "mongo",
                 s.mongo_port,
-                [secantus_binary(), "--host", h, "--port", str(s.mongo_port),
-                 "--storage-path", str(self.var / "mongo"), "--log-level", "WARNING"],
+                [
+                    secantus_binary(),
+                    "--host",
+                    h,
+                    "--port",
+                    str(s.mongo_port),
+                    "--storage-path",
+                    str(self.var / "mongo"),
+                    "--log-level",
+                    "WARNING",
+                ],
                 lambda: _mongo_ping(mongo),
                 mongo,
             ),
@@ -272,14 +296,27 @@ class Stack:
         if want_valkey:
             url = f"redis://{h}:{s.valkey_port}/0"
             (self.var / "valkey").mkdir(parents=True, exist_ok=True)
-            servers.append(Server(
-                "valkey",
-                s.valkey_port,
-                [valkey_binary(), "--port", str(s.valkey_port), "--bind", h, "--save", "",
-                 "--appendonly", "no", "--dir", str(self.var / "valkey")],
-                lambda: _redis_ping(url),
-                url,
-            ))
+            servers.append(
+                Server(
+                    "valkey",
+                    s.valkey_port,
+                    [
+                        valkey_binary(),
+                        "--port",
+                        str(s.valkey_port),
+                        "--bind",
+                        h,
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(self.var / "valkey"),
+                    ],
+                    lambda: _redis_ping(url),
+                    url,
+                )
+            )
         return servers
 
     def _owned_pid(self, name: str) -> int | None:
@@ -329,8 +366,10 @@ class Stack:
                 self.log(f"{srv.name:7} ready (pid {proc.pid})")
                 return
             time.sleep(0.2)
-        raise StackError(f"{srv.name} did not become ready within {self.settings.startup_timeout_s:.0f}s; "
-                         f"see {self.log_dir / (srv.name + '.log')}")
+        raise StackError(
+            f"{srv.name} did not become ready within {self.settings.startup_timeout_s:.0f}s; "
+            f"see {self.log_dir / (srv.name + '.log')}"
+        )
 
     def _log_tail(self, name: str, lines: int = 15) -> str:
         try:

@@ -34,8 +34,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, stack: Stack, state: StackState, names: list[str], extra_env: dict[str, str] | None = None,
-                 log=print):
+    def __init__(
+        self, stack: Stack, state: StackState, names: list[str], extra_env: dict[str, str] | None = None, log=print
+    ):
         self.stack = stack
         self.log = log
         self.children: list[Child] = []
@@ -50,8 +51,14 @@ class Supervisor:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        child.proc = start_process(child.name, child.argv, run_dir=self.stack.run_dir, log_dir=self.stack.log_dir,
-                                   env=child.env, cwd=Path.cwd())
+        child.proc = start_process(
+            child.name,
+            child.argv,
+            run_dir=self.stack.run_dir,
+            log_dir=self.stack.log_dir,
+            env=child.env,
+            cwd=Path.cwd(),
+        )
         child.started_at = time.monotonic()
         self.log(f"{child.name:8} started (pid {child.proc.pid}, log {self.stack.log_dir / (child.name + '.log')})")
 
@@ -70,8 +77,10 @@ class Supervisor:
                 continue
             child.restarts += 1
             delay = min(2 ** (child.restarts - 1), 30)
-            self.log(f"{child.name:8} exited with code {code}; restarting in {delay}s "
-                     f"(see {self.stack.log_dir / (child.name + '.log')})")
+            self.log(
+                f"{child.name:8} exited with code {code}; restarting in {delay}s "
+                f"(see {self.stack.log_dir / (child.name + '.log')})"
+            )
             child.proc = None
             child.next_start = now + delay
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import uuid
 
-from aiokafka import TopicPartition
+import httpx
 from pymongo import AsyncMongoClient
 
 from contracts import derived_id
@@ -38,8 +38,10 @@ async def _committed(host, topic: str) -> dict[int, int]:
 
 
 async def test_purchase_is_consumed_and_its_offset_committed(common):
-    host = build(common, ProbeSettings(http_port=free_port()))
+    port = free_port()
+    host = build(common, ProbeSettings(http_port=port))
     topic = common.topic("shop.purchases")
+    http = asyncio.create_task(host.http.serve())
     await host.start()
     try:
         await produce(common.kafka_bootstrap, topic, [(b"c-1", encode(purchase("c-1", total="12.30")), None)])
@@ -48,8 +50,19 @@ async def test_purchase_is_consumed_and_its_offset_committed(common):
         # Exactly one record was produced: the committed offsets must add up to 1.
         committed = await eventually(lambda: _sum_committed(host, topic, 1))
         assert committed == 1
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz")).status_code == 200
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["partitions"] == 6
+            metrics = (await client.get("/metrics")).text
+        assert f'crm_events_consumed_total{{service="probe",topic="{topic}",type="PurchaseCompleted"}} 1.0' in metrics
+        assert 'crm_events_published_total{service="probe",topic="crm.care",type="CareRequested"} 1.0' in metrics
+        assert f'crm_consumer_lag{{partition="0",service="probe",topic="{topic}"}} 0.0' in metrics
+        assert "crm_faststream_received_messages_total" in metrics
     finally:
         await host.stop()
+        host.http.should_exit = True
+        await http
 
 
 async def _sum_committed(host, topic, want):
@@ -108,7 +121,8 @@ async def test_same_event_twice_changes_state_once_and_publishes_once(common):
         care = await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=1)
         assert len(care) == 1
         assert json.loads(care[0].value)["event_id"] == str(
-            derived_id(uuid.UUID(event["event_id"]), "CareRequested", ""))
+            derived_id(uuid.UUID(event["event_id"]), "CareRequested", "")
+        )
     finally:
         await host.stop()
 

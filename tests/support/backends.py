@@ -34,8 +34,12 @@ def embedded(var_dir: Path) -> Iterator[Backend]:
     from services.stack.servers import Stack, StackSettings
 
     settings = StackSettings(
-        kafka_port=free_port(), mongo_port=free_port(), valkey_port=free_port(),
-        smtp_port=free_port(), sms_port=free_port(), var_dir=var_dir,
+        kafka_port=free_port(),
+        mongo_port=free_port(),
+        valkey_port=free_port(),
+        smtp_port=free_port(),
+        sms_port=free_port(),
+        var_dir=var_dir,
     )
     stack = Stack(settings, log=lambda _msg: None)
     try:
@@ -53,18 +57,24 @@ def containers() -> Iterator[Backend]:
 
     with KafkaContainer().with_kraft() as kafka, MongoDbContainer("mongo:7") as mongo, RedisContainer() as redis:
         host, port = redis.get_container_host_ip(), redis.get_exposed_port(6379)
-        yield Backend("containers", kafka.get_bootstrap_server(), mongo.get_connection_url(),
-                      f"redis://{host}:{port}/0")
+        yield Backend(
+            "containers", kafka.get_bootstrap_server(), mongo.get_connection_url(), f"redis://{host}:{port}/0"
+        )
 
 
 @contextlib.contextmanager
 def external() -> Iterator[Backend]:
-    missing = [v for v in ("CRM_TEST_KAFKA_BOOTSTRAP", "CRM_TEST_MONGO_URL", "CRM_TEST_REDIS_URL")
-               if not os.environ.get(v)]
+    missing = [
+        v for v in ("CRM_TEST_KAFKA_BOOTSTRAP", "CRM_TEST_MONGO_URL", "CRM_TEST_REDIS_URL") if not os.environ.get(v)
+    ]
     if missing:
         raise RuntimeError(f"CRM_TEST_BACKEND=external needs {', '.join(missing)}")
-    yield Backend("external", os.environ["CRM_TEST_KAFKA_BOOTSTRAP"], os.environ["CRM_TEST_MONGO_URL"],
-                  os.environ["CRM_TEST_REDIS_URL"])
+    yield Backend(
+        "external",
+        os.environ["CRM_TEST_KAFKA_BOOTSTRAP"],
+        os.environ["CRM_TEST_MONGO_URL"],
+        os.environ["CRM_TEST_REDIS_URL"],
+    )
 
 
 def open_backend(kind: str, var_dir: Path):

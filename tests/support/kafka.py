@@ -11,8 +11,14 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 
-def purchase(customer_id: str, *, total: str = "10.00", order_id: str | None = None, event_id: str | None = None,
-             occurred_at: str | None = None) -> dict:
+def purchase(
+    customer_id: str,
+    *,
+    total: str = "10.00",
+    order_id: str | None = None,
+    event_id: str | None = None,
+    occurred_at: str | None = None,
+) -> dict:
     return {
         "event_id": event_id or str(uuid.uuid4()),
         "type": "PurchaseCompleted",
@@ -20,9 +26,14 @@ def purchase(customer_id: str, *, total: str = "10.00", order_id: str | None = N
         "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
         "producer": "test-shop",
         "customer_id": customer_id,
-        "data": {"order_id": order_id or f"o-{uuid.uuid4().hex[:8]}", "store_id": "s-1", "channel": "online",
-                 "currency": "USD", "total": total,
-                 "lines": [{"sku": "cd-1", "category": "rock", "quantity": 1, "unit_price": total}]},
+        "data": {
+            "order_id": order_id or f"o-{uuid.uuid4().hex[:8]}",
+            "store_id": "s-1",
+            "channel": "online",
+            "currency": "USD",
+            "total": total,
+            "lines": [{"sku": "cd-1", "category": "rock", "quantity": 1, "unit_price": total}],
+        },
     }
 
 
@@ -31,8 +42,9 @@ def encode(event: dict) -> bytes:
 
 
 async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None, list | None]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=False,
-                                max_request_size=16 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, enable_idempotence=False, max_request_size=16 * 1024 * 1024
+    )
     await producer.start()
     try:
         # One at a time and in order: tests rely on the order within a partition.
@@ -42,12 +54,16 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None,
         await producer.stop()
 
 
-async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0,
-                     settle: float = 1.0) -> list:
+async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0, settle: float = 1.0) -> list:
     """Read a topic from the beginning until `expect` records arrived, then `settle` seconds more
     so that an unexpected extra record (a duplicate) would be seen too."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_bytes=64 * 1024 * 1024, max_partition_fetch_bytes=16 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=16 * 1024 * 1024,
+    )
     await consumer.start()
     try:
         await consumer._client.force_metadata_update()

@@ -34,9 +34,18 @@ class ProbeDomain:
             state["purchases"] += 1
             state["spend"] = str(Decimal(state["spend"]) + event.data.total)
             if state["purchases"] == 1:
-                derived.append(derive(CareRequested, event, CareRequestedData(
-                    kind="first_purchase_thanks", purpose="transactional",
-                    template_data={"order_id": event.data.order_id}), producer="probe"))
+                derived.append(
+                    derive(
+                        CareRequested,
+                        event,
+                        CareRequestedData(
+                            kind="first_purchase_thanks",
+                            purpose="transactional",
+                            template_data={"order_id": event.data.order_id},
+                        ),
+                        producer="probe",
+                    )
+                )
         return state, derived
 
 

@@ -15,8 +15,16 @@ from services.runtime.statestore import CustomerDoc, OutboxEntry
 def test_personal_data_is_masked_in_log_lines():
     assert mask_text("sent to li.lei@example.com") == "sent to l***@example.com"
     assert mask_text("sms to +8613800001234 ok") == "sms to +***1234 ok"
-    record = logging.makeLogRecord({"msg": "welcome %s", "args": ("zhang@example.cn",), "name": "x",
-                                    "levelname": "INFO", "phone": "+447700900123", "name_": 1})
+    record = logging.makeLogRecord(
+        {
+            "msg": "welcome %s",
+            "args": ("zhang@example.cn",),
+            "name": "x",
+            "levelname": "INFO",
+            "phone": "+447700900123",
+            "name_": 1,
+        }
+    )
     record.__dict__["email"] = "a.b@example.org"
     token = customer_id_var.set("c-9")
     try:
@@ -38,8 +46,9 @@ def test_dedup_window_keeps_the_most_recent_ids():
 
 
 def test_published_outbox_entries_are_trimmed_on_the_next_write():
-    doc = CustomerDoc("c-1", outbox=[OutboxEntry("crm.care", "a", b"{}", b"c-1"),
-                                     OutboxEntry("crm.care", "b", b"{}", b"c-1")])
+    doc = CustomerDoc(
+        "c-1", outbox=[OutboxEntry("crm.care", "a", b"{}", b"c-1"), OutboxEntry("crm.care", "b", b"{}", b"c-1")]
+    )
     doc.published.add("a")
     stored = doc.to_doc()
     assert [e["id"] for e in stored["outbox"]] == ["b"]
