@@ -5,6 +5,7 @@ WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY contracts ./contracts
 COPY services ./services
+COPY data ./data
 # Production installs no embedded servers: Kafka, MongoDB and Redis are real services.
 RUN pip install --no-cache-dir -c constraints.txt . && useradd --system --uid 10001 crm
 USER crm

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 import time
 
 from services.stack.servers import Stack, StackError, StackSettings
@@ -44,14 +47,92 @@ def _ensure_topics(state) -> None:
         print(f"created {len(created)} topics with {common.topic_partitions} partitions")
 
 
+def _speed(value: str) -> float | None:
+    """Seconds of wall time per day of event time: `--speed 1` is one day per second, `max` is no waiting."""
+    if value == "max":
+        return None
+    try:
+        days_per_second = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--speed takes days per second (e.g. 1, 7, 0.5) or 'max', not {value!r}"
+        ) from None
+    if days_per_second <= 0:
+        raise argparse.ArgumentTypeError("--speed must be positive")
+    return 1.0 / days_per_second
+
+
+class _Replay(threading.Thread):
+    """Plays CDNOW in its own event loop while the supervisor keeps the services alive."""
+
+    def __init__(self, common, seconds_per_day: float | None):
+        super().__init__(name="replay", daemon=True)
+        self.common = common
+        self.seconds_per_day = seconds_per_day
+        self.sent = 0
+        self.day = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self._stop = None
+        self._loop = None
+
+    def run(self) -> None:
+        from services.replay.cdnow import events, read_master
+        from services.replay.player import play
+
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+
+            def progress(day, sent):
+                self.day, self.sent = day, sent
+
+            await play(
+                self.common,
+                events(read_master()),
+                seconds_per_day=self.seconds_per_day,
+                progress=progress,
+                stop=self._stop,
+            )
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the supervisor loop
+            self.error = exc
+        finally:
+            self.finished.set()
+
+    def stop(self) -> None:
+        if self.finished.is_set() or self._loop is None or self._stop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing left to stop
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def _total_lag(ports: list[int]) -> int | None:
+    """Sum of crm_consumer_lag over the services' /metrics; None while one does not answer."""
+    import httpx
+
+    total = 0
+    for port in ports:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            return None
+        total += sum(
+            int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("crm_consumer_lag{")
+        )
+    return total
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.stack.supervisor import Supervisor, available_services
+    from services.stack.supervisor import SERVICES, Supervisor, available_services
 
     stack = _stack()
     names = available_services()
     state = stack.up()
     _ensure_topics(state)
-    supervisor = Supervisor(stack, state, names)
+    supervisor = Supervisor(stack, state, names, extra_env={"CRM_CLOCK": "event"} if args.replay else None)
     stop = False
 
     def on_signal(signum, _frame):
@@ -62,17 +143,61 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     supervisor.start_all()
     if not names:
-        print("no service packages found; the stack runs alone")
+        print("no service packages found yet; the stack runs alone")
+    replay = None
+    if args.replay:
+        from services.runtime.settings import CommonSettings
+
+        replay = _Replay(CommonSettings(kafka_bootstrap=state.kafka_bootstrap), args.speed)
+        replay.start()
+        print(f"replaying CDNOW ({'as fast as possible' if args.speed is None else f'{1 / args.speed:g} day(s)/s'})")
     print("running; Ctrl-C stops everything")
+    started = time.monotonic()
+    shown = -1
+    code = 0
     try:
         while not stop:
             supervisor.poll()
             time.sleep(0.5)
+            if replay is None:
+                continue
+            if replay.sent != shown:
+                shown = replay.sent
+                print(f"  replay: {replay.sent:,} events published, event day {replay.day}", flush=True)
+            if replay.finished.is_set():
+                if replay.error is not None:
+                    print(f"replay failed: {replay.error!r}", file=sys.stderr)
+                    code = 1
+                    break
+                if not args.exit_when_done:
+                    continue
+                ports = [int(os.environ.get(f"CRM_{n.upper()}_HTTP_PORT", SERVICES[n])) for n in names]
+                if _total_lag(ports) == 0:
+                    _summary(replay.sent, time.monotonic() - started, names, stack)
+                    break
     finally:
         print("\nstopping")
-        supervisor.stop_all()
-        stack.down()
-    return 0
+        try:
+            if replay is not None:
+                replay.stop()
+                replay.finished.wait(10)
+            supervisor.stop_all()
+        finally:
+            stack.down()
+    return code
+
+
+def _summary(sent: int, seconds: float, names: list[str], stack: Stack) -> None:
+    from services.stack.supervisor import SERVICES
+
+    print(f"\nreplay done: {sent:,} events in {seconds:.0f}s, every service caught up")
+    print(f"  services: {', '.join(names) or 'none yet'}; logs in {stack.log_dir}")
+    if "notify" in names:
+        print("  e-mail: var/mail/*.eml   SMS: var/sms.jsonl")
+    for name in names:
+        port = os.environ.get(f"CRM_{name.upper()}_HTTP_PORT", SERVICES[name])
+        print(f"  {name}: http://127.0.0.1:{port}/metrics")
+    print("  dead letters: crm dlq list shop.purchases   (and shop.interactions)")
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -137,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("up", help="run the stack and every service until Ctrl-C")
+    p.add_argument("--replay", choices=["cdnow"], help="play a data set as live shop traffic")
+    p.add_argument(
+        "--speed",
+        type=_speed,
+        default=1.0,
+        metavar="DAYS_PER_S",
+        help="event days per wall-clock second (default 1), or 'max'",
+    )
+    p.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="stop after the replay has been published and every service has caught up",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("dlq", help="list or replay dead letters of a topic")

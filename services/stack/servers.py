@@ -329,21 +329,29 @@ class Stack:
         valkey_running = self._owned_pid("valkey") is not None
         use_external_redis = not valkey_running and _redis_ping(s.redis_url)
         servers = self._servers(want_valkey=not use_external_redis)
-        started: list[tuple[Server, subprocess.Popen]] = []
+        to_start = []
         for srv in servers:
             if self._owned_pid(srv.name):
                 self.log(f"{srv.name:7} already running (pid {self._owned_pid(srv.name)}) on {srv.url}")
                 continue
+            # Every port is checked before anything starts, so a conflict leaves nothing half-up.
             if port_open(s.host, srv.port):
                 raise StackError(
                     f"{s.host}:{srv.port} is taken by a process this stack did not start, so {srv.name} cannot "
                     f"listen there. Stop that process, or choose another port with "
                     f"CRM_STACK_{srv.name.upper()}_PORT."
                 )
+            to_start.append(srv)
+        started: list[tuple[Server, subprocess.Popen]] = []
+        for srv in to_start:
             self.log(f"{srv.name:7} starting on {srv.url} (log: {self.log_dir / (srv.name + '.log')})")
             started.append((srv, start_process(srv.name, srv.argv, run_dir=self.run_dir, log_dir=self.log_dir)))
-        for srv, proc in started:
-            self._wait_ready(srv, proc)
+        try:
+            for srv, proc in started:
+                self._wait_ready(srv, proc)
+        except StackError:
+            self.down(tuple(srv.name for srv, _ in started))
+            raise
         redis_url = s.redis_url if use_external_redis else next(x.url for x in servers if x.name == "valkey")
         if use_external_redis:
             self.log(f"redis   using the running server at {s.redis_url}")

@@ -18,7 +18,14 @@ SERVICES = {"profile": 8101, "loyalty": 8102, "churn": 8103, "notify": 8104}
 
 
 def available_services() -> list[str]:
-    return [name for name in SERVICES if importlib.util.find_spec(f"services.{name}.app") is not None]
+    found = []
+    for name in SERVICES:
+        try:
+            if importlib.util.find_spec(f"services.{name}.app") is not None:
+                found.append(name)
+        except ModuleNotFoundError:
+            continue
+    return found
 
 
 @dataclass

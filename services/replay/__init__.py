@@ -1,0 +1,1 @@
+"""Replays of historical data as live shop traffic."""

@@ -1,0 +1,72 @@
+"""`crm up` on a fresh var/ dir: starts the stack, replays, and leaves no process behind on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.stack.servers import pid_alive, read_pid
+from tests.support.backends import free_port
+
+
+def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
+    env = {
+        **os.environ,
+        "CRM_STACK_VAR_DIR": str(tmp_path / "var"),
+        "CRM_STACK_KAFKA_PORT": str(free_port()),
+        "CRM_STACK_MONGO_PORT": str(free_port()),
+        "CRM_STACK_VALKEY_PORT": str(free_port()),
+        # Force the embedded Valkey so that every server kind is started and stopped.
+        "CRM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.cli", "up", "--replay", "cdnow", "--speed", "30"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    run_dir = tmp_path / "var" / "run"
+    lines = []
+    deadline = time.monotonic() + 60
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "replay:" in line or time.monotonic() > deadline:
+                break
+        pids = {p.stem: read_pid(p) for p in run_dir.glob("*.pid")}
+        assert {"kafka", "mongo", "valkey"} <= set(pids), "".join(lines)
+        assert all(pid_alive(pid) for pid in pids.values())
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "stopping" in out
+    assert not any(pid_alive(pid) for pid in pids.values()), pids
+    assert list(run_dir.glob("*.pid")) == []
+
+
+def test_stack_refuses_a_port_taken_by_someone_else(tmp_path: Path):
+    import socket
+
+    import pytest
+
+    from services.stack.servers import Stack, StackError, StackSettings
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        # Kafka's port is free, MongoDB's is not: nothing may be left half-started.
+        stack = Stack(
+            StackSettings(var_dir=tmp_path / "var", kafka_port=free_port(), mongo_port=port), log=lambda _m: None
+        )
+        with pytest.raises(StackError, match=rf"127\.0\.0\.1:{port} is taken .* CRM_STACK_MONGO_PORT"):
+            stack.up()
+    assert list((tmp_path / "var" / "run").glob("*.pid")) == []
