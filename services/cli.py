@@ -132,7 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     names = available_services()
     state = stack.up()
     _ensure_topics(state)
-    supervisor = Supervisor(stack, state, names, extra_env={"CRM_CLOCK": "event"} if args.replay else None)
+    supervisor = Supervisor.for_services(stack, state, names, extra_env={"CRM_CLOCK": "event"} if args.replay else None)
     stop = False
 
     def on_signal(signum, _frame):

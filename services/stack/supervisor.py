@@ -41,17 +41,21 @@ class Child:
 
 
 class Supervisor:
-    def __init__(
-        self, stack: Stack, state: StackState, names: list[str], extra_env: dict[str, str] | None = None, log=print
-    ):
+    def __init__(self, stack: Stack, children: list[Child], log=print):
         self.stack = stack
+        self.children = children
         self.log = log
-        self.children: list[Child] = []
+
+    @classmethod
+    def for_services(
+        cls, stack: Stack, state: StackState, names: list[str], extra_env: dict[str, str] | None = None, log=print
+    ) -> Supervisor:
+        children = []
         for name in names:
             port_var = f"CRM_{name.upper()}_HTTP_PORT"
             env = {**state.env(), port_var: os.environ.get(port_var, str(SERVICES[name])), **(extra_env or {})}
-            self.children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))
-        self.stopping = False
+            children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))
+        return cls(stack, children, log)
 
     def start_all(self) -> None:
         for child in self.children:
@@ -92,7 +96,6 @@ class Supervisor:
             child.next_start = now + delay
 
     def stop_all(self, timeout: float = 20.0) -> None:
-        self.stopping = True
         for child in self.children:
             if child.proc and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
