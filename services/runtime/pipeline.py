@@ -66,7 +66,6 @@ class Pipeline:
         publisher: Publisher,
         clock: Clock,
         topic_name=lambda t: t,
-        logical_topic=lambda t: t,
         dedup_window: int = 2000,
         retry_attempts: int = 4,
         retry_base_delay_s: float = 0.2,
@@ -80,7 +79,6 @@ class Pipeline:
         self.publisher = publisher
         self.clock = clock
         self.topic_name = topic_name  # logical -> physical (adds the configured prefix)
-        self.logical_topic = logical_topic  # physical -> logical
         self.dedup_window = dedup_window
         self.retry_attempts = retry_attempts
         self.retry_base_delay_s = retry_base_delay_s

@@ -59,7 +59,6 @@ class ServiceHost:
         self.publisher = KafkaPublisher(common)
         self.broker = make_broker(common, spec.name, self.registry)
         physical = [common.topic(t) for t in spec.consumes]
-        prefix = common.topic_prefix
         self.pipeline = Pipeline(
             service=spec.name,
             domain=spec.domain,
@@ -68,7 +67,6 @@ class ServiceHost:
             publisher=self.publisher,
             clock=self.clock,
             topic_name=common.topic,
-            logical_topic=lambda t: t[len(prefix) :] if prefix and t.startswith(prefix) else t,
             dedup_window=common.dedup_window,
             retry_attempts=common.retry_attempts,
             retry_base_delay_s=common.retry_base_delay_s,

