@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+from services.runtime.kafka import TopicNotFound
 from services.stack.servers import Stack, StackError, StackSettings
 
 
@@ -296,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except StackError as exc:
         print(f"crm: {exc}", file=sys.stderr)
+        return 2
+    except TopicNotFound as exc:
+        print(f"crm: {exc}; is the stack up (`crm stack status`) and CRM_KAFKA_BOOTSTRAP right?", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
 from faststream.kafka.prometheus import KafkaPrometheusMiddleware
@@ -116,7 +116,7 @@ class _Rebalance(ConsumerRebalanceListener):
         self.timeout_s = timeout_s
 
     async def on_partitions_revoked(self, revoked):
-        # Let the batch in flight finish and commit before the partitions move.
+        # Let the batch in flight finish and commit (the subscriber holds the lock across both).
         try:
             await asyncio.wait_for(self.lock.acquire(), self.timeout_s)
         except TimeoutError:
@@ -146,8 +146,14 @@ def subscribe_batches(
     handle: Callable[[list[Record]], Awaitable[object]],
     lock: asyncio.Lock,
     on_revoke: Callable[[], None],
+    on_outcome: Callable[[bool], None] = lambda _ok: None,
 ):
-    """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start)."""
+    """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start).
+
+    `lock` is held across processing and the offset commit, so a rebalance (which
+    takes the same lock) never moves partitions between the two. `on_outcome` hears
+    whether each batch succeeded (readiness follows it).
+    """
     attempt = 0
 
     async def handler(bodies: list, msg: KafkaMessage) -> None:
@@ -156,21 +162,33 @@ def subscribe_batches(
             Record(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()), r.timestamp or 0)
             for r in msg.raw_message
         ]
-        try:
-            await handle(records)
-        except Exception:
-            attempt += 1
-            delay = min(settings.retry_base_delay_s * 2 ** min(attempt, 10), 30.0)
-            log.exception("batch of %d failed (attempt %d); redelivering in %.1fs", len(records), attempt, delay)
-            await asyncio.sleep(delay)
-            await msg.nack()
+        async with lock:
+            try:
+                await handle(records)
+            except Exception:
+                failed = True
+                log.exception("batch of %d records failed (attempt %d)", len(records), attempt + 1)
+            else:
+                failed = False
+                try:
+                    await msg.ack()
+                except KafkaError as exc:
+                    # Partitions moved during the batch: the new owner gets it again and dedups.
+                    log.warning("offset commit failed (%s); the partition's owner will get the batch again", exc)
+        on_outcome(not failed)
+        if not failed:
+            attempt = 0
             return
-        attempt = 0
+        # Back off outside the lock, so a rebalance is not held up by the wait.
+        attempt += 1
+        delay = min(settings.retry_base_delay_s * 2 ** min(attempt, 10), 30.0)
+        log.warning("redelivering the batch in %.1fs", delay)
+        await asyncio.sleep(delay)
         try:
-            await msg.ack()
-        except (CommitFailedError, KafkaError) as exc:
-            # Partitions moved during the batch: the new owner gets it again and dedups.
-            log.warning("offset commit failed (%s); the batch will be redelivered to the partition's owner", exc)
+            await msg.nack()
+        except KafkaError as exc:
+            # The partitions were revoked meanwhile: nothing was committed, the new owner starts at the batch.
+            log.warning("could not rewind (%s); the partition's new owner will get the batch", exc)
 
     sub = broker.subscriber(
         *topics,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from contracts.topics import dlq
-from services.runtime.kafka import client_options
+from services.runtime.kafka import assign_whole_topic, client_options
 from services.runtime.records import (
     DLQ_AT,
     DLQ_CONSUMER,
@@ -74,11 +74,7 @@ async def list_dead_letters(settings: CommonSettings, topic: str) -> list[DeadLe
     )
     await consumer.start()
     try:
-        parts = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        consumer.assign(parts)
+        parts = await assign_whole_topic(consumer, name)
         await consumer.seek_to_beginning(*parts)
         return [dl async for dl in _read(consumer, parts)]
     finally:
@@ -106,9 +102,7 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
     await consumer.start()
     await producer.start()
     try:
-        await consumer._client.force_metadata_update()
-        parts = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        consumer.assign(parts)
+        parts = await assign_whole_topic(consumer, name)
         for tp in parts:
             committed = None if from_beginning else await consumer.committed(tp)
             if committed is None:
@@ -124,8 +118,7 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
             count += 1
         for f in futures:
             await f
-        if parts:
-            await consumer.commit({tp: await consumer.position(tp) for tp in parts})
+        await consumer.commit({tp: await consumer.position(tp) for tp in parts})
         return count
     finally:
         await producer.stop()

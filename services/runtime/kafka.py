@@ -6,6 +6,7 @@ import logging
 import ssl
 from typing import Any
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -58,3 +59,19 @@ async def ensure_topics(settings: CommonSettings, names: list[str] | None = None
         return wanted
     finally:
         await admin.close()
+
+
+class TopicNotFound(LookupError):
+    pass
+
+
+async def assign_whole_topic(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of `topic` to a started consumer (no group rebalance involved)."""
+    # aiokafka has no public call that refreshes the consumer's own metadata for one topic.
+    await consumer._client.force_metadata_update()
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise TopicNotFound(f"topic {topic!r} does not exist")
+    parts = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(parts)
+    return parts

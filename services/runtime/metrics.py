@@ -81,8 +81,7 @@ class PipelineMetrics:
             self.dead_letters.labels(service, dl.record.topic).inc()
         for ev in result.derived:
             self.published.labels(service, ev.TOPIC, ev.type).inc()
-        newest = max((ev.occurred_at for ev in result.derived), default=None)
-        if newest is not None:
-            self.last_event_time.labels(service).set(newest.timestamp())
+        if result.newest_event_time is not None:
+            self.last_event_time.labels(service).set(result.newest_event_time.timestamp())
         if result.docs_written:
             self.store_writes.labels(service).inc(result.docs_written)

@@ -53,6 +53,7 @@ class BatchResult:
     docs_written: int = 0
     derived: list[Event] = field(default_factory=list)
     consumed_types: Counter = field(default_factory=Counter)
+    newest_event_time: datetime | None = None
 
 
 class Pipeline:
@@ -84,14 +85,12 @@ class Pipeline:
         self.retry_base_delay_s = retry_base_delay_s
         self.failpoint = failpoint
         self.metrics = metrics
-        # Held while a batch or a time-driven sweep changes state: both touch the same cached docs.
+        # Held by whoever changes state: the subscriber (across a batch and its offset commit)
+        # and time-driven sweeps. Both touch the same cached docs; a rebalance waits for it.
         self.lock = asyncio.Lock()
 
     async def handle(self, records: Sequence[Record]) -> BatchResult:
-        async with self.lock:
-            return await self._handle(records)
-
-    async def _handle(self, records: Sequence[Record]) -> BatchResult:
+        """Process one batch. The caller holds `self.lock`."""
         started = time.perf_counter()
         result = BatchResult(consumed=len(records))
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
@@ -103,6 +102,8 @@ class Pipeline:
                 continue
             by_customer[event.customer_id].append((event, rec))
             result.consumed_types[(rec.topic, event.type)] += 1
+            if result.newest_event_time is None or event.occurred_at > result.newest_event_time:
+                result.newest_event_time = event.occurred_at
 
         docs = await with_backoff(
             lambda: self.store.load(by_customer.keys()),

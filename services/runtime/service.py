@@ -82,6 +82,7 @@ class ServiceHost:
             handle=self.pipeline.handle,
             lock=self.pipeline.lock,
             on_revoke=self.store.drop_cache,
+            on_outcome=self._batch_outcome,
         )
         self._lag: list[tuple[str, int, int]] = []
         self.registry.register(LagCollector(spec.name, lambda: self._lag))
@@ -91,15 +92,24 @@ class ServiceHost:
             settings.http_port,
         )
         self._started = False
+        self._failing = False
         self._stop = asyncio.Event()
 
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
 
+    def _batch_outcome(self, ok: bool) -> None:
+        self._failing = not ok
+
     def readiness(self) -> tuple[bool, dict]:
+        """Not ready before start, or while batches fail (a store or broker outage being retried)."""
         consumer = getattr(self.subscriber, "consumer", None)
-        ready = self._started and consumer is not None
-        return ready, {"service": self.spec.name, "partitions": len(consumer.assignment()) if consumer else 0}
+        ready = self._started and consumer is not None and not self._failing
+        return ready, {
+            "service": self.spec.name,
+            "partitions": len(consumer.assignment()) if consumer else 0,
+            "failing": self._failing,
+        }
 
     async def start(self) -> None:
         await self.mongo.admin.command("ping")

@@ -104,8 +104,6 @@ class StateStore:
         self.collection = collection
         self.cache: OrderedDict[str, CustomerDoc] = OrderedDict()
         self.cache_size = cache_size
-        self.reads = 0
-        self.writes = 0
 
     def drop_cache(self) -> None:
         self.cache.clear()
@@ -125,7 +123,6 @@ class StateStore:
             found = {}
             async for d in self.collection.find({"_id": {"$in": missing}}):
                 found[d["_id"]] = CustomerDoc.from_doc(d)
-            self.reads += 1
             for cid in missing:
                 doc = found.get(cid) or CustomerDoc(cid)
                 out[cid] = doc
@@ -155,7 +152,6 @@ class StateStore:
             for doc in dirty:
                 self.cache.pop(doc.customer_id, None)
             raise
-        self.writes += 1
         for doc in dirty:
             doc.dirty = False
             doc.outbox = doc.pending()

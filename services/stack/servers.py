@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -181,7 +182,14 @@ def _kafka_ping(bootstrap: str) -> bool:
             with contextlib.suppress(Exception):
                 await admin.close()
 
-    return asyncio.run(ping())
+    # Refused connections are expected while the broker starts; aiokafka would log each one as an error.
+    quiet = logging.getLogger("aiokafka")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(ping())
+    finally:
+        quiet.setLevel(level)
 
 
 def tansu_binary() -> str:

@@ -164,3 +164,30 @@ async def test_crash_between_store_write_and_publish_publishes_exactly_once_afte
     finally:
         proc.terminate()
         assert proc.wait(30) == 0, proc.stderr.read().decode()[-2000:]
+
+
+async def test_store_outage_is_retried_not_dead_lettered_and_readiness_follows_it(common):
+    host = build(common, ProbeSettings(http_port=free_port()))
+    topic = common.topic("shop.purchases")
+    await host.start()
+    real = host.store.collection
+    # Nothing listens on this port: every read fails like a MongoDB outage.
+    dead = AsyncMongoClient(f"mongodb://127.0.0.1:{free_port()}/?directConnection=true", serverSelectionTimeoutMS=200)
+    host.store.collection = dead["x"]["customers"]
+    try:
+        await produce(common.kafka_bootstrap, topic, [(b"c-6", encode(purchase("c-6", total="4.00")), None)])
+        await eventually(lambda: _not_ready(host))
+        assert await _sum_committed(host, topic, 0) == 0
+        host.store.collection = real  # the outage ends
+        await eventually(lambda: _state(common, "c-6"))
+        await eventually(lambda: _sum_committed(host, topic, 1))
+        assert host.readiness()[0]
+        assert await read_topic(common.kafka_bootstrap, topic + ".dlq", expect=1, timeout=1, settle=0) == []
+    finally:
+        await host.stop()
+        await dead.close()
+
+
+async def _not_ready(host):
+    ready, detail = host.readiness()
+    return detail if not ready and detail["failing"] else None

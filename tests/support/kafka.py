@@ -8,7 +8,9 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.runtime.kafka import assign_whole_topic
 
 
 def purchase(
@@ -66,10 +68,7 @@ async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float 
     )
     await consumer.start()
     try:
-        await consumer._client.force_metadata_update()
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        assert parts, f"topic {topic} does not exist"
-        consumer.assign(parts)
+        parts = await assign_whole_topic(consumer, topic)
         await consumer.seek_to_beginning(*parts)
         out: list = []
         deadline = time.monotonic() + timeout
