@@ -1,7 +1,7 @@
 """The event contracts: envelope, shop events, crm events, and per-topic registries."""
 
 from contracts import crm, shop, topics
-from contracts.envelope import Event, InvalidMessage, Registry, derive, derived_id
+from contracts.envelope import Event, InvalidMessage, Registry, derive, derived_id, scheduled
 
 EVENTS_BY_TOPIC: dict[str, tuple[type[Event], ...]] = {
     topics.SHOP_PURCHASES: shop.PURCHASE_EVENTS,
@@ -27,6 +27,7 @@ __all__ = [
     "Registry",
     "crm",
     "derive",
+    "scheduled",
     "derived_id",
     "registry_for",
     "shop",

@@ -76,6 +76,33 @@ def derive(
     )
 
 
+def scheduled(
+    cls: type[Event],
+    customer_id: str,
+    data: Payload,
+    *,
+    producer: str,
+    occasion: object,
+    occurred_at: Any,
+    cause: uuid.UUID | None = None,
+) -> Event:
+    """An event caused by time rather than by a message (a birthday, an expiry).
+
+    Its id depends only on the customer, the type and the occasion (e.g. "birthday/1997"),
+    so a sweep that runs twice, or on another replica after a rebalance, yields the same id.
+    """
+    return cls(
+        event_id=derived_id(cause or uuid.uuid5(DERIVED_NAMESPACE, customer_id), cls.__name__, occasion),
+        type=cls.__name__,
+        occurred_at=occurred_at,
+        producer=producer,
+        customer_id=customer_id,
+        causation_id=cause,
+        correlation_id=cause,
+        data=data,
+    )
+
+
 class InvalidMessage(ValueError):
     """A message that can never be processed; it goes to the dead-letter topic with `reason`."""
 

@@ -132,11 +132,15 @@ class InteractionRecordedData(Payload):
     score: StrictInt | None = Field(None, ge=1, le=5)
     text: LongText | None = None
     ticket_id: ShortText | None = None
+    # For complaints and support tickets: "resolved" closes the ticket named by ticket_id.
+    ticket_status: Literal["open", "resolved"] | None = None
 
     @model_validator(mode="after")
     def _survey_has_score(self) -> InteractionRecordedData:
         if self.kind == "survey" and self.score is None:
             raise ValueError("a survey needs a score from 1 to 5")
+        if self.ticket_status == "resolved" and not self.ticket_id:
+            raise ValueError("resolving a ticket needs its ticket_id")
         return self
 
 

@@ -133,7 +133,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     names = available_services()
     state = stack.up()
     _ensure_topics(state)
-    supervisor = Supervisor.for_services(stack, state, names, extra_env={"CRM_CLOCK": "event"} if args.replay else None)
+    from services.stack.secrets import local_secrets
+
+    extra_env = local_secrets(stack.var)
+    if args.replay:
+        extra_env["CRM_CLOCK"] = "event"
+    supervisor = Supervisor.for_services(stack, state, names, extra_env=extra_env)
     stop = False
 
     def on_signal(signum, _frame):
@@ -254,6 +259,80 @@ def cmd_contracts(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_keys(_: argparse.Namespace) -> int:
+    import secrets
+
+    from cryptography.fernet import Fernet
+
+    print(f"CRM_PROFILE_ENCRYPTION_KEYS={Fernet.generate_key().decode()}")
+    print(f"CRM_PROFILE_LOOKUP_KEY={secrets.token_urlsafe(32)}")
+    print(f"CRM_PROFILE_API_TOKEN={secrets.token_urlsafe(24)}")
+    return 0
+
+
+def _profile_api():
+    """An HTTP client for the profile read API: CRM_PROFILE_URL, token from the env or var/secrets.env."""
+    import httpx
+
+    from services.stack.secrets import setting
+
+    port = os.environ.get("CRM_PROFILE_HTTP_PORT", "8101")
+    base = os.environ.get("CRM_PROFILE_URL", f"http://127.0.0.1:{port}")
+    token = setting("CRM_PROFILE_API_TOKEN", _stack().var) or ""
+    return httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+def _get(path: str, params: dict | None = None):
+    import httpx
+
+    try:
+        with _profile_api() as api:
+            r = api.get(path, params=params)
+    except httpx.HTTPError as exc:
+        print(f"the profile service does not answer ({exc}); is `crm up` running?", file=sys.stderr)
+        return None
+    if r.status_code == 401:
+        print("unauthorised: set CRM_PROFILE_API_TOKEN to the profile service's token", file=sys.stderr)
+        return None
+    if r.status_code == 404:
+        print(r.json().get("error", "not found"), file=sys.stderr)
+        return None
+    r.raise_for_status()
+    return r.json()
+
+
+def cmd_customer(args: argparse.Namespace) -> int:
+    from services.profile.render import render_customer
+
+    if args.email or args.phone:
+        view = _get("/customers", {"email": args.email} if args.email else {"phone": args.phone})
+    elif args.customer_id:
+        view = _get(f"/customers/{args.customer_id}")
+    else:
+        print("give a customer id, --email or --phone", file=sys.stderr)
+        return 2
+    if view is None:
+        return 1
+    if args.json:
+        print(json.dumps(view, indent=2, ensure_ascii=False))
+    else:
+        render_customer(view)
+    return 0
+
+
+def cmd_segments(args: argparse.Namespace) -> int:
+    from services.profile.render import render_segments
+
+    counts = _get("/segments")
+    if counts is None:
+        return 1
+    if args.json:
+        print(json.dumps(counts, indent=2))
+    else:
+        render_segments(counts)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crm", description="CRM event backbone")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +363,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="list as JSON")
     p.add_argument("--from-beginning", action="store_true", help="replay every dead letter again")
     p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("customer", help="show a customer's 360 view (profile read API)")
+    p.add_argument("customer_id", nargs="?")
+    p.add_argument("--email", help="find the customer by e-mail instead")
+    p.add_argument("--phone", help="find the customer by phone (E.164) instead")
+    p.add_argument("--json", action="store_true", help="print the raw JSON view")
+    p.set_defaults(func=cmd_customer)
+
+    p = sub.add_parser("segments", help="customers per RFM segment, lifecycle stage and value tier")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_segments)
+
+    p = sub.add_parser("keys", help="print fresh keys and a token for the profile service")
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("contracts", help="generate or check the AsyncAPI document and JSON Schemas")
     p.add_argument("action", choices=["generate", "check"])

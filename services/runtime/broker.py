@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker, KafkaMessage
@@ -110,9 +111,12 @@ async def _header_safe_parser(records, original):
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, lock: asyncio.Lock, on_revoke: Callable[[], None], timeout_s: float):
+    def __init__(
+        self, lock: asyncio.Lock, on_revoke: Callable[[], None], on_assign: Callable[[], None], timeout_s: float
+    ):
         self.lock = lock
         self.on_revoke = on_revoke
+        self.on_assign = on_assign
         self.timeout_s = timeout_s
 
     async def on_partitions_revoked(self, revoked):
@@ -134,6 +138,7 @@ class _Rebalance(ConsumerRebalanceListener):
             log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
     async def on_partitions_assigned(self, assigned):
+        self.on_assign()
         log.info("partitions assigned: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
@@ -146,6 +151,7 @@ def subscribe_batches(
     handle: Callable[[list[Record]], Awaitable[object]],
     lock: asyncio.Lock,
     on_revoke: Callable[[], None],
+    on_assign: Callable[[], None] = lambda: None,
     on_outcome: Callable[[bool], None] = lambda _ok: None,
 ):
     """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start).
@@ -198,7 +204,11 @@ def subscribe_batches(
         max_records=settings.batch_max_records,
         batch_timeout_ms=settings.batch_timeout_ms,
         ack_policy=AckPolicy.MANUAL,
-        listener=_Rebalance(lock, on_revoke, timeout_s=60.0),
+        listener=_Rebalance(lock, on_revoke, on_assign, timeout_s=60.0),
+        # Range assignment gives one consumer the same partition number of every topic it reads
+        # (the topics are co-partitioned by customer id), so one customer's events from
+        # shop.purchases and shop.interactions meet in one process and one cache.
+        partition_assignment_strategy=(RangePartitionAssignor,),
         decoder=_raw_decoder,
         parser=_header_safe_parser,
         max_partition_fetch_bytes=max(settings.max_message_bytes * 2, 1_048_576),

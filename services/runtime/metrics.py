@@ -68,7 +68,23 @@ class PipelineMetrics:
             ["service"],
             registry=registry,
         )
+        self.swept = Counter(
+            "crm_sweep_customers", "Customers visited by time-driven sweeps", ["service"], registry=registry
+        )
+        self.last_sweep = Gauge(
+            "crm_last_sweep_timestamp_seconds",
+            "Wall time of the last completed sweep pass (stale means time-driven work has stopped)",
+            ["service"],
+            registry=registry,
+        )
         self.up = Gauge("crm_service_ready", "1 when the service is ready", ["service"], registry=registry)
+
+    def observe_sweep(self, service: str, result, visited: int) -> None:
+        self.swept.labels(service).inc(visited)
+        for ev in result.derived:
+            self.published.labels(service, ev.TOPIC, ev.type).inc()
+        if result.docs_written:
+            self.store_writes.labels(service).inc(result.docs_written)
 
     def observe_batch(self, service: str, result, records, seconds: float) -> None:
         self.batch_seconds.labels(service).observe(seconds)

@@ -5,7 +5,9 @@
             ─► return (the caller commits the offsets)
 
 The domain is a pure function `apply(state, event, now) -> (state, derived events)`;
-everything with I/O is here, once, for all services.
+everything with I/O is here, once, for all services. Time-driven work (`sweep`)
+goes the same way: `tick(state, customer_id, now)` for each customer whose due
+time has come, then the same single write and publish.
 """
 
 from __future__ import annotations
@@ -31,7 +33,15 @@ log = logging.getLogger(__name__)
 
 
 class Domain(Protocol):
-    """A service's pure core. `state` is the JSON-able dict stored for the customer (None if new)."""
+    """A service's pure core. `state` is the JSON-able dict stored for the customer (None if new).
+
+    Optional members, used when present:
+      tick(state, customer_id, now) -> (state, derived)  time-driven change; return the same
+                                                         state object when nothing changed
+      due(state) -> datetime | None                      when tick next has something to do
+      ERASING: tuple[type[Event], ...]                   events after which the published outbox
+                                                         is cleared from the store at once
+    """
 
     def apply(
         self, state: dict[str, Any] | None, event: Event, now: datetime
@@ -54,6 +64,7 @@ class BatchResult:
     derived: list[Event] = field(default_factory=list)
     consumed_types: Counter = field(default_factory=Counter)
     newest_event_time: datetime | None = None
+    erased: set[str] = field(default_factory=set)
 
 
 class Pipeline:
@@ -88,6 +99,8 @@ class Pipeline:
         # Held by whoever changes state: the subscriber (across a batch and its offset commit)
         # and time-driven sweeps. Both touch the same cached docs; a rebalance waits for it.
         self.lock = asyncio.Lock()
+        self._due = getattr(domain, "due", None)
+        self._erasing = tuple(getattr(domain, "ERASING", ()))
 
     async def handle(self, records: Sequence[Record]) -> BatchResult:
         """Process one batch. The caller holds `self.lock`."""
@@ -127,8 +140,59 @@ class Pipeline:
             log.error("failpoint after_store_write: exiting")
             os._exit(86)
         result.published = await self._publish(docs.values(), result.dead_letters)
+        if result.erased:
+            # Published events of an erased customer may carry personal data (sealed or not):
+            # they must not wait in the stored outbox for a next write that may never come.
+            await with_backoff(
+                lambda: self.store.clear_outboxes([docs[c] for c in result.erased]),
+                attempts=self.retry_attempts,
+                base_delay=self.retry_base_delay_s,
+                what="outbox trim",
+            )
         if self.metrics is not None:
             self.metrics.observe_batch(self.service, result, records, time.perf_counter() - started)
+        return result
+
+    async def sweep(self, customer_ids: Sequence[str], now: datetime) -> BatchResult:
+        """Run the domain's time-driven `tick` for these customers. The caller holds `self.lock`."""
+        result = BatchResult()
+        docs = await with_backoff(
+            lambda: self.store.load(customer_ids),
+            attempts=self.retry_attempts,
+            base_delay=self.retry_base_delay_s,
+            what="store read",
+        )
+        for cid, doc in docs.items():
+            if doc.state is None:
+                continue
+            token_c = customer_id_var.set(cid)
+            try:
+                state, derived = self.domain.tick(doc.state, cid, now)  # type: ignore[attr-defined]
+            except Exception:
+                # A bug for one customer must not stop every other customer's sweep.
+                log.exception("tick failed; the customer is retried at the next sweep")
+                continue
+            finally:
+                customer_id_var.reset(token_c)
+            due = self._due(state) if self._due else None
+            if state is doc.state and not derived and due == doc.due:
+                if due is not None:
+                    self.store.schedule.set(cid, due)
+                continue
+            doc.state, doc.due, doc.dirty = state, due, True
+            for d in derived:
+                doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+            result.derived.extend(derived)
+            result.applied += 1
+        result.docs_written = await with_backoff(
+            lambda: self.store.save(docs.values()),
+            attempts=self.retry_attempts,
+            base_delay=self.retry_base_delay_s,
+            what="store write",
+        )
+        result.published = await self._publish(docs.values(), [])
+        if self.metrics is not None:
+            self.metrics.observe_sweep(self.service, result, len(customer_ids))
         return result
 
     def _apply_customer(self, doc: CustomerDoc, items: list[tuple[Event, Record]], result: BatchResult) -> None:
@@ -151,6 +215,10 @@ class Pipeline:
                 event_id_var.reset(token_e)
                 customer_id_var.reset(token_c)
             doc.state = state
+            if self._due is not None:
+                doc.due = self._due(state) if state is not None else None
+            if self._erasing and isinstance(event, self._erasing):
+                result.erased.add(doc.customer_id)
             doc.remember(eid, self.dedup_window)
             for d in derived:
                 doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))

@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from aiokafka import TopicPartition
+from aiokafka.partitioner import murmur2
 from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient, IndexModel
+from pymongo.asynchronous.database import AsyncDatabase
 from starlette.routing import BaseRoute
 
 from contracts import registry_for
@@ -22,7 +26,7 @@ from services.runtime.kafka import ensure_topics
 from services.runtime.metrics import LagCollector, PipelineMetrics
 from services.runtime.pipeline import Domain, Pipeline
 from services.runtime.settings import CommonSettings, ServiceSettings
-from services.runtime.statestore import StateStore
+from services.runtime.statestore import Codec, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,12 @@ class ServiceSpec:
     domain: Domain
     indexes: dict[str, list[IndexModel]] = field(default_factory=dict)
     state_collection: str = "customers"
+    codec: Codec | None = None
+    # Builds the state store from the service's database (a subclass adds collections of its own).
+    make_store: Callable[[AsyncDatabase, Codec | None], StateStore] | None = None
+
+
+Background = Callable[["ServiceHost"], Awaitable[None]]
 
 
 class ServiceHost:
@@ -45,9 +55,12 @@ class ServiceHost:
         common: CommonSettings,
         settings: ServiceSettings,
         clock: Clock | None = None,
-        routes: Sequence[BaseRoute] = (),
+        routes: Sequence[BaseRoute] | Callable[[ServiceHost], Sequence[BaseRoute]] = (),
+        background: Sequence[Background] = (),
     ):
         self.spec = spec
+        self.background = list(background)
+        self._tasks: list[asyncio.Task] = []
         self.common = common
         self.settings = settings
         self.clock = clock or make_clock(common.clock)
@@ -55,10 +68,14 @@ class ServiceHost:
         self.metrics = PipelineMetrics(self.registry)
         self.mongo = AsyncMongoClient(common.mongo_url, tz_aware=True, serverSelectionTimeoutMS=10_000)
         self.db = self.mongo[common.db_prefix + (settings.database or spec.name)]
-        self.store = StateStore(self.db[spec.state_collection])
+        if spec.make_store is not None:
+            self.store = spec.make_store(self.db, spec.codec)
+        else:
+            self.store = StateStore(self.db[spec.state_collection], codec=spec.codec)
         self.publisher = KafkaPublisher(common)
         self.broker = make_broker(common, spec.name, self.registry)
         physical = [common.topic(t) for t in spec.consumes]
+        self._home_topic = physical[0]
         self.pipeline = Pipeline(
             service=spec.name,
             domain=spec.domain,
@@ -82,12 +99,19 @@ class ServiceHost:
             handle=self.pipeline.handle,
             lock=self.pipeline.lock,
             on_revoke=self.store.drop_cache,
+            on_assign=self._on_assign,
             on_outcome=self._batch_outcome,
         )
         self._lag: list[tuple[str, int, int]] = []
         self.registry.register(LagCollector(spec.name, lambda: self._lag))
+        self._wake = asyncio.Event()
         self.http = make_server(
-            make_app(self.registry, self.readiness, routes, before_scrape=self._refresh_lag),
+            make_app(
+                self.registry,
+                self.readiness,
+                routes(self) if callable(routes) else routes,
+                before_scrape=self._refresh_lag,
+            ),
             settings.http_host,
             settings.http_port,
         )
@@ -98,8 +122,64 @@ class ServiceHost:
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
 
+    def _on_assign(self) -> None:
+        self.store.schedule.stale = True
+
+    def owns(self, customer_id: str) -> bool:
+        """Whether this replica owns the customer: the producer's partitioner, checked against our assignment.
+
+        Consumed topics are co-partitioned (same partition count, range assignment),
+        so the first topic decides for all.
+        """
+        consumer = self.subscriber.consumer
+        parts = consumer._client.cluster.partitions_for_topic(self._home_topic)
+        if not parts:
+            return False
+        ordered = sorted(parts)
+        p = ordered[(murmur2(customer_id.encode()) & 0x7FFFFFFF) % len(ordered)]
+        return TopicPartition(self._home_topic, p) in consumer.assignment()
+
+    async def sweep_once(self) -> int:
+        """Tick every owned customer whose due time has come (clock time); returns how many."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None or not consumer.assignment():
+            return 0
+        store, total = self.store, 0
+        try:
+            while True:
+                async with self.pipeline.lock:
+                    if store.schedule.stale:
+                        n = await store.rebuild_schedule(self.owns)
+                        log.info("schedule rebuilt: %d customers owned", n)
+                    ids = store.schedule.pop_due(self.clock.now(), self.common.batch_max_records)
+                    if not ids:
+                        break
+                    await self.pipeline.sweep(ids, self.clock.now())
+                total += len(ids)
+        except Exception:
+            # Popped customers lost their due time; the next pass rebuilds the schedule from the store.
+            store.schedule.stale = True
+            raise
+        self.metrics.last_sweep.labels(self.spec.name).set(time.time())
+        return total
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.common.sweep_interval_s)
+            self._wake.clear()
+            try:
+                await self.sweep_once()
+            except Exception:
+                log.exception("sweep failed; retrying at the next interval")
+
     def _batch_outcome(self, ok: bool) -> None:
         self._failing = not ok
+        # Under event time the clock moves with the batches: sweep as soon as something fell due,
+        # so a fast replay does not leave birthdays and follow-ups a day behind.
+        nxt = self.store.schedule.next_due()
+        if nxt is not None and nxt <= self.clock.now():
+            self._wake.set()
 
     def readiness(self) -> tuple[bool, dict]:
         """Not ready before start, or while batches fail (a store or broker outage being retried)."""
@@ -121,6 +201,10 @@ class ServiceHost:
         await self.publisher.start()
         await self.broker.start()
         self._started = True
+        if hasattr(self.spec.domain, "tick"):
+            self._tasks.append(asyncio.create_task(self._sweep_loop(), name="sweep"))
+        for job in self.background:
+            self._tasks.append(asyncio.create_task(job(self), name=getattr(job, "__name__", "background")))
         self.metrics.up.labels(self.spec.name).set(1)
         log.info(
             "%s started: consuming %s as group %s, http on %s:%d",
@@ -134,6 +218,12 @@ class ServiceHost:
     async def stop(self) -> None:
         self.metrics.up.labels(self.spec.name).set(0)
         self._started = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
         with contextlib.suppress(Exception):
             await self.broker.stop()
         with contextlib.suppress(Exception):

@@ -49,6 +49,8 @@ class CommonSettings(BaseSettings):
     retry_base_delay_s: float = Field(0.2, ge=0)
     # Event ids remembered per customer for dedup (the most recent ones).
     dedup_window: int = Field(2000, ge=10)
+    # How often (wall seconds) a service checks for customers whose time-driven work is due.
+    sweep_interval_s: float = Field(1.0, gt=0)
     # Fault injection for tests ("after_store_write"): the process dies at that point.
     failpoint: str | None = None
 

@@ -2,7 +2,7 @@
 
 One document per customer, keyed by `_id = customer_id`:
 
-    {_id, s: <service state>, seen: [recent event ids], outbox: [{t, id, v}], rev}
+    {_id, s: <service state>, seen: [recent event ids], outbox: [{t, id, v}], due, rev}
 
 The state, the ids of the events that produced it and the events it caused
 are one document, so a single write makes them atomic without a transaction.
@@ -14,16 +14,26 @@ loaded; their ids are deterministic, so consumers drop the repeat.
 
 A partition is owned by one consumer at a time, so documents are cached in
 memory and the cache is dropped on every rebalance.
+
+`due` is when time alone may change the state (a birthday, an expiry, a
+recency threshold). The schedule of due times is kept in memory for the
+customers this consumer owns, rebuilt by one projection scan after each
+rebalance, rather than in a secondary index that every write would pay for.
+
+A `Codec` lets a service keep personal data encrypted at rest: it transforms
+the state on its way to and from the store, and seals outbox payloads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
@@ -34,6 +44,32 @@ log = logging.getLogger(__name__)
 TRANSIENT_STORE_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout)
 
 
+class Codec(Protocol):
+    """How state and outbox payloads look at rest. The identity codec stores them as they are."""
+
+    def encode(self, state: dict[str, Any]) -> dict[str, Any]: ...
+
+    def decode(self, state: dict[str, Any]) -> dict[str, Any]: ...
+
+    def seal(self, value: bytes) -> bytes: ...
+
+    def unseal(self, value: bytes) -> bytes: ...
+
+
+class PlainCodec:
+    def encode(self, state):
+        return state
+
+    def decode(self, state):
+        return state
+
+    def seal(self, value):
+        return value
+
+    def unseal(self, value):
+        return value
+
+
 @dataclass(slots=True)
 class OutboxEntry:
     topic: str
@@ -41,12 +77,12 @@ class OutboxEntry:
     value: bytes
     key: bytes
 
-    def to_doc(self) -> dict[str, Any]:
-        return {"t": self.topic, "id": self.event_id, "v": self.value, "k": self.key}
+    def to_doc(self, codec: Codec) -> dict[str, Any]:
+        return {"t": self.topic, "id": self.event_id, "v": codec.seal(self.value), "k": self.key}
 
     @classmethod
-    def from_doc(cls, d: dict[str, Any]) -> OutboxEntry:
-        return cls(d["t"], d["id"], bytes(d["v"]), bytes(d["k"]))
+    def from_doc(cls, d: dict[str, Any], codec: Codec) -> OutboxEntry:
+        return cls(d["t"], d["id"], codec.unseal(bytes(d["v"])), bytes(d["k"]))
 
 
 @dataclass(slots=True)
@@ -58,18 +94,23 @@ class CustomerDoc:
     outbox: list[OutboxEntry] = field(default_factory=list)
     published: set[str] = field(default_factory=set)
     rev: int = 0
+    due: datetime | None = None
     dirty: bool = False
+    # Bookkeeping of a store extension (not persisted), e.g. which lookup keys are stored.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_doc(cls, d: dict[str, Any]) -> CustomerDoc:
+    def from_doc(cls, d: dict[str, Any], codec: Codec) -> CustomerDoc:
         seen = list(d.get("seen", []))
+        state = d.get("s")
         return cls(
             customer_id=d["_id"],
-            state=d.get("s"),
+            state=codec.decode(state) if state is not None else None,
             seen=seen,
             seen_set=set(seen),
-            outbox=[OutboxEntry.from_doc(x) for x in d.get("outbox", [])],
+            outbox=[OutboxEntry.from_doc(x, codec) for x in d.get("outbox", [])],
             rev=d.get("rev", 0),
+            due=d.get("due"),
         )
 
     def has_seen(self, event_id: str) -> bool:
@@ -86,27 +127,81 @@ class CustomerDoc:
     def pending(self) -> list[OutboxEntry]:
         return [e for e in self.outbox if e.event_id not in self.published]
 
-    def to_doc(self) -> dict[str, Any]:
+    def to_doc(self, codec: Codec) -> dict[str, Any]:
         # Entries already published are dropped here: this is the lazy trim.
         return {
             "_id": self.customer_id,
-            "s": self.state,
+            "s": codec.encode(self.state) if self.state is not None else None,
             "seen": self.seen,
-            "outbox": [e.to_doc() for e in self.pending()],
+            "outbox": [e.to_doc(codec) for e in self.pending()],
+            "due": self.due,
             "rev": self.rev,
         }
 
 
-class StateStore:
-    """Loads and saves CustomerDocs for one collection, with a rebalance-scoped cache."""
+class Schedule:
+    """When each owned customer is next due; a heap with lazy deletion."""
 
-    def __init__(self, collection: AsyncCollection, *, cache_size: int = 200_000):
+    def __init__(self) -> None:
+        self.due: dict[str, datetime | None] = {}
+        self._heap: list[tuple[datetime, str]] = []
+        self.stale = True
+
+    def clear(self) -> None:
+        self.due.clear()
+        self._heap.clear()
+        self.stale = True
+
+    def set(self, cid: str, when: datetime | None) -> None:
+        if cid in self.due and self.due[cid] == when:
+            return
+        self.due[cid] = when
+        if when is not None:
+            heapq.heappush(self._heap, (when, cid))
+
+    def touch_all(self, when: datetime) -> None:
+        """Make every known customer due at `when` (e.g. after the rules that judge them changed)."""
+        for cid, current in self.due.items():
+            if current is None or current > when:
+                self.set(cid, when)
+
+    def pop_due(self, now: datetime, limit: int) -> list[str]:
+        out: list[str] = []
+        while self._heap and len(out) < limit and self._heap[0][0] <= now:
+            when, cid = heapq.heappop(self._heap)
+            if self.due.get(cid) == when:  # else superseded by a later set()
+                self.due[cid] = None
+                out.append(cid)
+        return out
+
+    def next_due(self) -> datetime | None:
+        while self._heap and self.due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)
+        return self._heap[0][0] if self._heap else None
+
+
+class StateStore:
+    """Loads and saves CustomerDocs for one collection, with a rebalance-scoped cache and schedule."""
+
+    def __init__(self, collection: AsyncCollection, *, cache_size: int = 200_000, codec: Codec | None = None):
         self.collection = collection
         self.cache: OrderedDict[str, CustomerDoc] = OrderedDict()
         self.cache_size = cache_size
+        self.codec: Codec = codec or PlainCodec()
+        self.schedule = Schedule()
 
     def drop_cache(self) -> None:
         self.cache.clear()
+        self.schedule.clear()
+
+    async def rebuild_schedule(self, owns: Callable[[str], bool]) -> int:
+        """One projection scan: every customer this consumer owns, with its due time."""
+        self.schedule.clear()
+        async for d in self.collection.find({}, {"_id": 1, "due": 1}):
+            if owns(d["_id"]):
+                self.schedule.set(d["_id"], d.get("due"))
+        self.schedule.stale = False
+        return len(self.schedule.due)
 
     async def load(self, customer_ids: Iterable[str]) -> dict[str, CustomerDoc]:
         """The documents for these customers; missing ones come back empty (new customers)."""
@@ -122,7 +217,7 @@ class StateStore:
         if missing:
             found = {}
             async for d in self.collection.find({"_id": {"$in": missing}}):
-                found[d["_id"]] = CustomerDoc.from_doc(d)
+                found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
             for cid in missing:
                 doc = found.get(cid) or CustomerDoc(cid)
                 out[cid] = doc
@@ -141,7 +236,7 @@ class StateStore:
         for doc in docs:
             if doc.dirty:
                 doc.rev += 1
-                ops.append(ReplaceOne({"_id": doc.customer_id}, doc.to_doc(), upsert=True))
+                ops.append(ReplaceOne({"_id": doc.customer_id}, doc.to_doc(self.codec), upsert=True))
                 dirty.append(doc)
         if not ops:
             return 0
@@ -156,7 +251,19 @@ class StateStore:
             doc.dirty = False
             doc.outbox = doc.pending()
             doc.published.clear()
+            self.schedule.set(doc.customer_id, doc.due)
         return len(ops)
+
+    async def clear_outboxes(self, docs: Iterable[CustomerDoc]) -> int:
+        """Drop already-published outbox entries now instead of at the next write (after an erasure)."""
+        ids = [d.customer_id for d in docs]
+        if not ids:
+            return 0
+        res = await self.collection.update_many({"_id": {"$in": ids}}, {"$set": {"outbox": []}})
+        for d in docs:
+            d.outbox = d.pending()
+            d.published.clear()
+        return res.modified_count
 
 
 async def with_backoff(op, *, attempts: int, base_delay: float, what: str, transient=TRANSIENT_STORE_ERRORS):

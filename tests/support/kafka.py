@@ -96,3 +96,35 @@ async def eventually(check, *, timeout: float = 30.0, interval: float = 0.2):
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s; last value: {last!r}")
+
+
+def shop_event(etype: str, customer_id: str, data: dict, *, occurred_at: str | None = None) -> dict:
+    """Any shop event as the JSON a shop would send."""
+    return {
+        "event_id": str(uuid.uuid4()),
+        "type": etype,
+        "schema_version": 1,
+        "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
+        "producer": "test-shop",
+        "customer_id": customer_id,
+        "data": data,
+    }
+
+
+def registered(customer_id: str, *, occurred_at: str | None = None, **fields) -> dict:
+    data = {
+        "name": "Li Wei",
+        "email": f"{customer_id}@example.com",
+        "phone": "+8613800138000",
+        "birthday": "1990-06-15",
+        "locale": "zh-CN",
+        "timezone": "Asia/Shanghai",
+        "preferred_channel": "sms",
+        "consents": {"email": True, "sms": True},
+        **fields,
+    }
+    return shop_event("CustomerRegistered", customer_id, data, occurred_at=occurred_at)
+
+
+def care_kinds(records) -> list[str]:
+    return sorted(json.loads(r.value)["data"]["kind"] for r in records)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from services.runtime.clock import EventClock
 from services.runtime.logs import JsonFormatter, customer_id_var, mask_text
 from services.runtime.records import DLQ_REASON, DeadLetter, Record, header
-from services.runtime.statestore import CustomerDoc, OutboxEntry
+from services.runtime.statestore import CustomerDoc, OutboxEntry, PlainCodec
 
 
 def test_personal_data_is_masked_in_log_lines():
@@ -50,9 +50,9 @@ def test_published_outbox_entries_are_trimmed_on_the_next_write():
         "c-1", outbox=[OutboxEntry("crm.care", "a", b"{}", b"c-1"), OutboxEntry("crm.care", "b", b"{}", b"c-1")]
     )
     doc.published.add("a")
-    stored = doc.to_doc()
+    stored = doc.to_doc(PlainCodec())
     assert [e["id"] for e in stored["outbox"]] == ["b"]
-    assert CustomerDoc.from_doc(stored).pending()[0].event_id == "b"
+    assert CustomerDoc.from_doc(stored, PlainCodec()).pending()[0].event_id == "b"
 
 
 def test_event_clock_never_goes_back():

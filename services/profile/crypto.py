@@ -1,0 +1,99 @@
+"""Personal data at rest: Fernet-encrypted contact fields and sealed outbox entries, keyed lookups.
+
+The state in memory holds plaintext (the service needs it to publish the
+profile snapshot); everything written to MongoDB goes through `ContactCodec`,
+so neither the customer documents nor their outbox hold a readable e-mail,
+phone number or name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import unicodedata
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+ENCRYPTED_FIELDS = ("name", "email", "phone")
+
+
+class KeyConfigError(ValueError):
+    """A missing or malformed key in the settings."""
+
+
+def make_cipher(keys: str) -> MultiFernet:
+    parts = [k.strip() for k in keys.split(",") if k.strip()]
+    if not parts:
+        raise KeyConfigError(
+            "CRM_PROFILE_ENCRYPTION_KEYS is empty: personal data must be encrypted at rest. "
+            "Generate a key with `crm keys` and set it (comma-separate several to rotate)."
+        )
+    try:
+        return MultiFernet([Fernet(k.encode()) for k in parts])
+    except (ValueError, TypeError) as exc:
+        raise KeyConfigError(f"CRM_PROFILE_ENCRYPTION_KEYS holds an invalid Fernet key: {exc}") from None
+
+
+def normalise_email(email: str) -> str:
+    return unicodedata.normalize("NFKC", email).strip().lower()
+
+
+class LookupHasher:
+    """HMAC-SHA256 of a normalised contact: equal inputs meet, the store learns nothing readable."""
+
+    def __init__(self, key: str):
+        if len(key) < 16:
+            raise KeyConfigError("CRM_PROFILE_LOOKUP_KEY must be at least 16 characters (use `crm keys`)")
+        self._key = key.encode()
+
+    def email(self, email: str) -> str:
+        return "e:" + hmac.new(self._key, normalise_email(email).encode(), hashlib.sha256).hexdigest()
+
+    def phone(self, phone: str) -> str:
+        return "p:" + hmac.new(self._key, phone.strip().encode(), hashlib.sha256).hexdigest()
+
+    def keys_of(self, state: dict[str, Any] | None) -> set[str]:
+        contact = (state or {}).get("contact") or {}
+        out = set()
+        if contact.get("email"):
+            out.add(self.email(contact["email"]))
+        if contact.get("phone"):
+            out.add(self.phone(contact["phone"]))
+        return out
+
+
+class ContactCodec:
+    """The store codec of the profile service (see services.runtime.statestore.Codec)."""
+
+    def __init__(self, cipher: MultiFernet):
+        self.cipher = cipher
+
+    def encode(self, state: dict[str, Any]) -> dict[str, Any]:
+        contact = state.get("contact")
+        if not contact:
+            return state
+        sealed = {
+            k: (self.cipher.encrypt(v.encode()).decode() if k in ENCRYPTED_FIELDS and v else v)
+            for k, v in contact.items()
+        }
+        return {**state, "contact": sealed}
+
+    def decode(self, state: dict[str, Any]) -> dict[str, Any]:
+        contact = state.get("contact")
+        if not contact:
+            return state
+        try:
+            opened = {
+                k: (self.cipher.decrypt(v.encode()).decode() if k in ENCRYPTED_FIELDS and v else v)
+                for k, v in contact.items()
+            }
+        except InvalidToken:
+            raise KeyConfigError("stored contact data does not decrypt with any configured key") from None
+        return {**state, "contact": opened}
+
+    def seal(self, value: bytes) -> bytes:
+        return self.cipher.encrypt(value)
+
+    def unseal(self, value: bytes) -> bytes:
+        return self.cipher.decrypt(value)

@@ -1,0 +1,560 @@
+"""The customer 360 as a pure function: state + event -> new state + derived events.
+
+No I/O and no clock reads: `now` is passed in (event time during replays), the
+RFM breakpoints are a value held by the domain object and swapped by the
+service when a new version is computed. The state is a JSON-able dict; its
+contact fields are plaintext here and encrypted by the store codec.
+"""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from contracts import Event, derive, scheduled
+from contracts.crm import (
+    CareRequested,
+    CareRequestedData,
+    CustomerErased,
+    CustomerErasedData,
+    LifecycleStageChanged,
+    LifecycleStageChangedData,
+    ProfileUpdated,
+    ProfileUpdatedData,
+    SegmentChanged,
+    SegmentChangedData,
+)
+from contracts.shop import (
+    ConsentChanged,
+    CustomerErasureRequested,
+    CustomerRegistered,
+    CustomerUpdated,
+    InteractionRecorded,
+    PurchaseCompleted,
+    PurchaseRefunded,
+)
+from services.profile import lifecycle, rfm
+from services.profile.moments import end_of_local_day, next_greeting
+
+PRODUCER = "profile"
+ZERO = Decimal(0)
+DAY = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class ProfileRules:
+    followup_days: float = 3.0
+    followup_min_gap_days: float = 30.0
+    followup_expiry_days: float = 7.0
+    birthday_hour: int = 9
+    top_categories: int = 3
+    lifecycle: lifecycle.LifecycleRules = field(default_factory=lifecycle.LifecycleRules)
+    interaction_windows: tuple[int, ...] = (7, 30, 90)
+    recent_events: int = 10
+    orders_kept: int = 200
+    consent_history_kept: int = 50
+
+
+def _clone(state: dict[str, Any]) -> dict[str, Any]:
+    # The domain must not touch its input (the caller keeps it if we fail); a pickle
+    # round trip copies these plain dicts several times faster than copy.deepcopy.
+    return pickle.loads(pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+
+
+def new_state() -> dict[str, Any]:
+    return {
+        "registered_at": None,
+        "contact": {},
+        "profile": {"locale": "en", "timezone": "UTC", "preferred_channel": "email"},
+        "consent": {},
+        "consent_history": [],
+        "purchases": {"first": None, "last": None, "orders": 0, "refunded_orders": 0, "days": 0, "recent_days": []},
+        "spend": {},
+        "categories": {},
+        "orders": {},
+        "interactions": {"daily": {}, "totals": {}},
+        "complaints": {"open": [], "total": 0},
+        "survey": {"last": None, "sum": 0, "count": 0, "last_at": None},
+        "rfm": None,
+        "value_tier": None,
+        "stage": None,
+        "care": {"welcomed": False, "thanked": False, "followup": None, "last_followup": None, "greeted_year": None},
+        "due": {},
+        "recent": [],
+        "erased_at": None,
+    }
+
+
+# -- reading the state -------------------------------------------------------
+
+
+def _ts(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+
+
+def _zone(state: dict[str, Any]) -> ZoneInfo:
+    return ZoneInfo(state["profile"].get("timezone") or "UTC")
+
+
+def primary_currency(state: dict[str, Any]) -> str | None:
+    spend = state["spend"]
+    if not spend:
+        return None
+    return max(spend, key=lambda c: (spend[c]["orders"], Decimal(spend[c]["gross"])))
+
+
+def net_spend(state: dict[str, Any], currency: str | None) -> Decimal:
+    if currency is None or currency not in state["spend"]:
+        return ZERO
+    s = state["spend"][currency]
+    return max(Decimal(s["gross"]) - Decimal(s["refunded"]), ZERO)
+
+
+def top_categories(state: dict[str, Any], k: int) -> list[str]:
+    cats = state["categories"]
+    ranked = sorted(cats, key=lambda c: (-cats[c]["n"], -sum(float(v) for v in cats[c]["s"].values()), c))
+    return ranked[:k]
+
+
+def days_since_last(state: dict[str, Any], now: datetime) -> float | None:
+    last = _ts(state["purchases"]["last"])
+    return None if last is None else max((now - last).total_seconds() / 86400, 0.0)
+
+
+def cadence(state: dict[str, Any], rules: ProfileRules) -> float:
+    p = state["purchases"]
+    first, last = _ts(p["first"]), _ts(p["last"])
+    if first is None or last is None:
+        return rules.lifecycle.default_cadence_days
+    return lifecycle.cadence_days(first.toordinal(), last.toordinal(), p["days"], rules.lifecycle)
+
+
+def snapshot(state: dict[str, Any], rules: ProfileRules) -> dict[str, Any] | None:
+    """What crm.profile carries; ProfileUpdated goes out only when this changes."""
+    if state is None or state.get("erased_at") or not state.get("registered_at"):
+        return None
+    c, p = state["contact"], state["profile"]
+    return {
+        "name": c.get("name"),
+        "email": c.get("email"),
+        "phone": c.get("phone"),
+        "locale": p["locale"],
+        "timezone": p["timezone"],
+        "preferred_channel": p["preferred_channel"],
+        "consents": {ch: bool(state["consent"].get(ch, {}).get("granted")) for ch in ("email", "sms")},
+        "birthday": p.get("birthday"),
+        "top_categories": top_categories(state, rules.top_categories),
+        "value_tier": state["value_tier"],
+    }
+
+
+def window_counts(state: dict[str, Any], now: datetime, windows: tuple[int, ...]) -> dict[str, dict[str, int]]:
+    """Interactions per kind over the last N days, for each window."""
+    today = now.astimezone(_zone(state)).date()
+    out: dict[str, dict[str, int]] = {}
+    for kind, days in state["interactions"]["daily"].items():
+        out[kind] = {
+            f"{w}d": sum(n for d, n in days.items() if (today - date.fromisoformat(d)).days < w) for w in windows
+        }
+    return out
+
+
+# -- the domain ----------------------------------------------------------------
+
+
+class ProfileDomain:
+    ERASING = (CustomerErasureRequested,)
+
+    def __init__(self, rules: ProfileRules | None = None, breakpoints: rfm.Breakpoints = rfm.BOOTSTRAP):
+        self.rules = rules or ProfileRules()
+        self.breakpoints = breakpoints
+
+    # The pipeline's entry points ------------------------------------------------
+
+    def apply(self, state, event: Event, now: datetime):
+        handler = _HANDLERS.get(type(event))
+        if handler is None:
+            return state, []  # e.g. redemption requests: loyalty's business
+        before = state or new_state()
+        st = _clone(before)
+        out: list[Event] = []
+        handler(self, st, event, now, out)
+        if not isinstance(event, CustomerErasureRequested):
+            self._evaluate(
+                st,
+                before,
+                now,
+                out,
+                lambda cls, data, disc: derive(cls, event, data, producer=PRODUCER, discriminator=disc),
+            )
+        return st, out
+
+    def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
+        st = _clone(state)
+        out: list[Event] = []
+        if not st.get("erased_at"):
+            self._due_followup(st, customer_id, now, out)
+            self._due_birthday(st, customer_id, now, out)
+
+        def make(cls, data, disc):
+            return scheduled(
+                cls, customer_id, data, producer=PRODUCER, occasion=f"{disc}@{now.isoformat()}", occurred_at=now
+            )
+
+        self._evaluate(st, state, now, out, make)
+        if not out and st == state:
+            return state, []
+        return st, out
+
+    def due(self, state: dict[str, Any]) -> datetime | None:
+        times = [datetime.fromisoformat(v) for v in (state.get("due") or {}).values() if v]
+        return min(times) if times else None
+
+    # Event handlers (mutate the clone) --------------------------------------------
+
+    def _registered(self, st, ev: CustomerRegistered, now, out) -> None:
+        d = ev.data
+        first_time = st["registered_at"] is None
+        st["registered_at"] = st["registered_at"] or ev.occurred_at.isoformat()
+        st["erased_at"] = None
+        st["contact"] = {"name": d.name, "email": d.email, "phone": d.phone}
+        st["profile"] = {
+            "birthday": d.birthday.isoformat() if d.birthday else None,
+            "gender": d.gender,
+            "locale": d.locale,
+            "timezone": d.timezone,
+            "preferred_channel": d.preferred_channel,
+            "referred_by": d.referred_by,
+        }
+        for channel in ("email", "sms"):
+            self._set_consent(st, channel, getattr(d.consents, channel), ev.occurred_at, "registration")
+        self._remember(st, ev, f"registered ({d.locale}, {d.timezone})")
+        self._plan_birthday(st, now)
+        if first_time and not st["care"]["welcomed"]:
+            st["care"]["welcomed"] = True
+            out.append(self._care(ev, "welcome", "transactional", st))
+
+    def _updated(self, st, ev: CustomerUpdated, now, out) -> None:
+        if st.get("erased_at"):
+            return
+        d = ev.data
+        for name in d.model_fields_set:
+            value = getattr(d, name)
+            if name in ("name", "email", "phone"):
+                st["contact"][name] = value
+            elif name == "birthday":
+                st["profile"]["birthday"] = value.isoformat() if value else None
+            else:
+                st["profile"][name] = value
+        self._remember(st, ev, "details updated: " + ", ".join(sorted(d.model_fields_set)))
+        self._plan_birthday(st, now)
+
+    def _consent(self, st, ev: ConsentChanged, now, out) -> None:
+        if st.get("erased_at"):
+            return
+        d = ev.data
+        self._set_consent(st, d.channel, d.granted, ev.occurred_at, d.source)
+        self._remember(st, ev, f"{d.channel} consent {'granted' if d.granted else 'revoked'} via {d.source}")
+
+    def _purchase(self, st, ev: PurchaseCompleted, now, out) -> None:
+        d = ev.data
+        if d.order_id in st["orders"]:
+            return  # the same order under a new event id: a shop resend, counted once
+        p = st["purchases"]
+        at = ev.occurred_at
+        p["orders"] += 1
+        if p["first"] is None or at < _ts(p["first"]):
+            p["first"] = at.isoformat()
+        if p["last"] is None or at > _ts(p["last"]):
+            p["last"] = at.isoformat()
+        day = at.astimezone(_zone(st)).date().isoformat()
+        if day not in p["recent_days"]:
+            p["days"] += 1
+            p["recent_days"] = sorted([*p["recent_days"], day])[-400:]
+        spend = st["spend"].setdefault(d.currency, {"gross": "0", "refunded": "0", "orders": 0})
+        spend["gross"] = str(Decimal(spend["gross"]) + d.total)
+        spend["orders"] += 1
+        by_cat: dict[str, Decimal] = {}
+        for line in d.lines:
+            amount = line.unit_price * line.quantity
+            by_cat[line.category] = by_cat.get(line.category, ZERO) + amount
+            cat = st["categories"].setdefault(line.category, {"n": 0, "s": {}})
+            cat["n"] += line.quantity
+            cat["s"][d.currency] = str(Decimal(cat["s"].get(d.currency, "0")) + amount)
+        st["orders"][d.order_id] = {
+            "t": str(d.total),
+            "c": d.currency,
+            "cats": {k: str(v) for k, v in by_cat.items()},
+            "r": "0",
+            "refunds": [],
+        }
+        if len(st["orders"]) > self.rules.orders_kept:
+            del st["orders"][next(iter(st["orders"]))]
+        self._remember(st, ev, f"order {d.order_id}: {sum(x.quantity for x in d.lines)} items, {d.total} {d.currency}")
+        if st.get("erased_at"):
+            return
+        template = {"order_id": d.order_id, "total": str(d.total), "currency": d.currency}
+        if not st["care"]["thanked"]:
+            st["care"]["thanked"] = True
+            out.append(self._care(ev, "first_purchase_thanks", "transactional", st, template))
+        self._plan_followup(st, ev, at, "purchase", d.order_id, force=False)
+
+    def _refund(self, st, ev: PurchaseRefunded, now, out) -> None:
+        d = ev.data
+        order = st["orders"].get(d.order_id)
+        amount = d.amount
+        if order is not None:
+            if d.refund_id in order["refunds"]:
+                return
+            remaining = Decimal(order["t"]) - Decimal(order["r"])
+            amount = min(amount, max(remaining, ZERO))  # a refund never exceeds what was paid
+            order["refunds"].append(d.refund_id)
+            total = Decimal(order["t"])
+            if total > 0 and order["c"] == d.currency:
+                share = amount / total
+                for cat, cat_amount in order["cats"].items():
+                    c = st["categories"].get(cat)
+                    if c is not None and d.currency in c["s"]:
+                        c["s"][d.currency] = str(max(Decimal(c["s"][d.currency]) - Decimal(cat_amount) * share, ZERO))
+            was_open = Decimal(order["r"]) < total
+            order["r"] = str(Decimal(order["r"]) + amount)
+            if was_open and Decimal(order["r"]) >= total:
+                st["purchases"]["refunded_orders"] += 1
+        spend = st["spend"].setdefault(d.currency, {"gross": "0", "refunded": "0", "orders": 0})
+        spend["refunded"] = str(Decimal(spend["refunded"]) + amount)
+        self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id}: {amount} {d.currency}")
+
+    def _interaction(self, st, ev: InteractionRecorded, now, out) -> None:
+        d = ev.data
+        inter = st["interactions"]
+        day = ev.occurred_at.astimezone(_zone(st)).date()
+        horizon = max(self.rules.interaction_windows)
+        daily = inter["daily"].setdefault(d.kind, {})
+        daily[day.isoformat()] = daily.get(day.isoformat(), 0) + 1
+        for kind_days in inter["daily"].values():
+            for old in [k for k in kind_days if (day - date.fromisoformat(k)).days >= horizon]:
+                del kind_days[old]
+        inter["totals"][d.kind] = inter["totals"].get(d.kind, 0) + 1
+        if d.kind == "survey" and d.score is not None:
+            s = st["survey"]
+            s["last"], s["sum"], s["count"], s["last_at"] = (
+                d.score,
+                s["sum"] + d.score,
+                s["count"] + 1,
+                ev.occurred_at.isoformat(),
+            )
+        ticket = d.ticket_id or str(ev.event_id)
+        if d.ticket_status == "resolved":
+            st["complaints"]["open"] = [t for t in st["complaints"]["open"] if t != ticket]
+            if not st.get("erased_at"):
+                self._plan_followup(st, ev, ev.occurred_at, "ticket", ticket, force=True)
+        elif d.kind == "complaint":
+            st["complaints"]["total"] += 1
+            if ticket not in st["complaints"]["open"]:
+                st["complaints"]["open"].append(ticket)
+            if not st.get("erased_at"):
+                out.append(self._care(ev, "complaint_acknowledgement", "transactional", st, {"ticket_id": ticket}))
+        self._remember(st, ev, f"{d.kind} via {d.channel}" + (f" (score {d.score})" if d.score else ""))
+
+    def _erase(self, st, ev: CustomerErasureRequested, now, out) -> None:
+        """Personal data goes; anonymous aggregates (spend, categories, scores) stay."""
+        st["contact"] = {}
+        st["profile"] = {"locale": "en", "timezone": "UTC", "preferred_channel": "email"}
+        st["consent"] = {}
+        st["consent_history"] = []
+        st["recent"] = []
+        st["orders"] = {}
+        st["complaints"]["open"] = []
+        st["care"]["followup"] = None
+        st["due"] = {k: v for k, v in st["due"].items() if k == "recency"}
+        st["erased_at"] = ev.occurred_at.isoformat()
+        out.append(derive(CustomerErased, ev, CustomerErasedData(request_id=ev.data.request_id), producer=PRODUCER))
+
+    # Helpers -------------------------------------------------------------------------
+
+    def _care(self, ev: Event, kind: str, purpose: str, st, template: dict | None = None, **kw) -> Event:
+        data = {"locale": st["profile"]["locale"], "top_categories": top_categories(st, self.rules.top_categories)}
+        data.update(template or {})
+        return derive(
+            CareRequested,
+            ev,
+            CareRequestedData(kind=kind, purpose=purpose, template_data=data, **kw),
+            producer=PRODUCER,
+            discriminator=kind,
+        )
+
+    def _set_consent(self, st, channel: str, granted: bool, at: datetime, source: str) -> None:
+        current = st["consent"].get(channel)
+        if current is not None and current["granted"] == granted:
+            return
+        st["consent"][channel] = {"granted": granted, "at": at.isoformat(), "source": source}
+        st["consent_history"] = [
+            *st["consent_history"],
+            {"channel": channel, "granted": granted, "at": at.isoformat(), "source": source},
+        ][-self.rules.consent_history_kept :]
+
+    def _remember(self, st, ev: Event, summary: str) -> None:
+        st["recent"] = [*st["recent"], {"at": ev.occurred_at.isoformat(), "type": ev.type, "summary": summary}][
+            -self.rules.recent_events :
+        ]
+
+    def _plan_followup(self, st, ev: Event, at: datetime, reason: str, ref: str, *, force: bool) -> None:
+        care = st["care"]
+        if not force:
+            last = _ts(care["last_followup"])
+            if care["followup"] is not None:
+                return
+            if last is not None and at - last < timedelta(days=self.rules.followup_min_gap_days):
+                return
+        due = at + timedelta(days=self.rules.followup_days)
+        care["followup"] = {"due": due.isoformat(), "cause": str(ev.event_id), "reason": reason, "ref": ref}
+        st["due"]["followup"] = due.isoformat()
+
+    def _due_followup(self, st, customer_id: str, now: datetime, out) -> None:
+        f = st["care"]["followup"]
+        if f is None or _ts(f["due"]) > now:
+            return
+        due = _ts(f["due"])
+        st["care"]["followup"] = None
+        st["due"].pop("followup", None)
+        st["care"]["last_followup"] = due.isoformat()
+        if now - due > timedelta(days=self.rules.followup_expiry_days):
+            return  # asking about a purchase weeks later does more harm than good
+        data = CareRequestedData(
+            kind="satisfaction_follow_up",
+            purpose="marketing",
+            template_data={
+                "locale": st["profile"]["locale"],
+                "reason": f["reason"],
+                "ref": f["ref"],
+                "top_categories": top_categories(st, self.rules.top_categories),
+            },
+            not_before=due,
+        )
+        out.append(
+            scheduled(
+                CareRequested,
+                customer_id,
+                data,
+                producer=PRODUCER,
+                occasion="satisfaction_follow_up",
+                occurred_at=due,
+                cause=uuid.UUID(f["cause"]),
+            )
+        )
+
+    def _plan_birthday(self, st, now: datetime) -> None:
+        bday = st["profile"].get("birthday")
+        if not bday or st.get("erased_at"):
+            st["due"].pop("birthday", None)
+            return
+        at = next_greeting(
+            date.fromisoformat(bday),
+            st["profile"]["timezone"],
+            st["care"]["greeted_year"],
+            now,
+            self.rules.birthday_hour,
+        )
+        st["due"]["birthday"] = at.isoformat()
+
+    def _due_birthday(self, st, customer_id: str, now: datetime, out) -> None:
+        at = _ts(st["due"].get("birthday"))
+        if at is None or at > now:
+            return
+        year = at.year
+        st["care"]["greeted_year"] = year
+        if now < end_of_local_day(at):
+            data = CareRequestedData(
+                kind="birthday_greeting",
+                purpose="marketing",
+                template_data={
+                    "locale": st["profile"]["locale"],
+                    "top_categories": top_categories(st, self.rules.top_categories),
+                },
+                not_before=at,
+            )
+            out.append(
+                scheduled(
+                    CareRequested, customer_id, data, producer=PRODUCER, occasion=f"birthday/{year}", occurred_at=at
+                )
+            )
+        self._plan_birthday(st, now)
+
+    def _evaluate(self, st, before, now: datetime, out, make) -> None:
+        """Recompute scores, tier and stage; emit only what changed."""
+        rules, bp = self.rules, self.breakpoints
+        since = days_since_last(st, now)
+        cur = primary_currency(st)
+        old_rfm = before.get("rfm") if before else None
+        if since is not None and cur is not None:
+            s = rfm.score(since, st["purchases"]["days"], net_spend(st, cur), cur, bp)
+            st["rfm"] = {"r": s.r, "f": s.f, "m": s.m, "segment": s.segment, "version": s.version}
+        st["value_tier"] = rfm.value_tier(net_spend(st, cur), cur, bp) if st["registered_at"] or cur else None
+        cad = cadence(st, rules)
+        st["stage"] = lifecycle.stage(st["purchases"]["days"], since, cad, rules.lifecycle)
+        self._plan_recency(st, since, cad)
+        if st.get("erased_at"):
+            return
+        new_rfm = st["rfm"]
+        if new_rfm and (old_rfm is None or old_rfm["segment"] != new_rfm["segment"]):
+            out.append(
+                make(
+                    SegmentChanged,
+                    SegmentChangedData(
+                        from_segment=old_rfm["segment"] if old_rfm else None,
+                        to_segment=new_rfm["segment"],
+                        recency_score=new_rfm["r"],
+                        frequency_score=new_rfm["f"],
+                        monetary_score=new_rfm["m"],
+                        breakpoints_version=new_rfm["version"],
+                    ),
+                    new_rfm["segment"],
+                )
+            )
+        old_stage = before.get("stage") if before else None
+        if st["stage"] != old_stage:
+            out.append(
+                make(
+                    LifecycleStageChanged,
+                    LifecycleStageChangedData(from_stage=old_stage, to_stage=st["stage"]),
+                    st["stage"],
+                )
+            )
+        snap = snapshot(st, rules)
+        if snap is not None and snap != snapshot(before, rules):
+            out.append(make(ProfileUpdated, ProfileUpdatedData(**snap), "snapshot"))
+
+    def _plan_recency(self, st, since: float | None, cad: float) -> None:
+        if since is None:
+            st["due"].pop("recency", None)
+            return
+        candidates = [
+            x
+            for x in (
+                rfm.next_recency_change(since, self.breakpoints),
+                lifecycle.next_stage_change(since, cad, self.rules.lifecycle),
+            )
+            if x is not None
+        ]
+        if not candidates:
+            st["due"].pop("recency", None)
+            return
+        last = _ts(st["purchases"]["last"])
+        # A second past the threshold: the scores change only once the days exceed it.
+        st["due"]["recency"] = (last + timedelta(days=min(candidates), seconds=1)).isoformat()
+
+
+_HANDLERS = {
+    CustomerRegistered: ProfileDomain._registered,
+    CustomerUpdated: ProfileDomain._updated,
+    ConsentChanged: ProfileDomain._consent,
+    PurchaseCompleted: ProfileDomain._purchase,
+    PurchaseRefunded: ProfileDomain._refund,
+    InteractionRecorded: ProfileDomain._interaction,
+    CustomerErasureRequested: ProfileDomain._erase,
+}

@@ -1,0 +1,206 @@
+"""RFM scoring: population quantile breakpoints, 1-5 scores, named segments, value tiers.
+
+Pure functions. Breakpoints are recomputed from the customer base now and then
+(see `compute_breakpoints`) and stored with a version; until the base is large
+enough, the bootstrap breakpoints below (version 0) apply.
+
+Scores use "how many breakpoints lie strictly below the value": ties at a
+breakpoint go to the lower score, which keeps the many one-time buyers of a
+typical shop in F=1 instead of spreading them over several quintiles.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+# The ten segments, on a grid of recency score (rows, 5 = most recent) by the
+# frequency-monetary score FM = round((F + M) / 2) (columns, 1..5). One-purchase
+# customers (F = 1) with R >= 4 are "New" (R = 5) or "Promising" (R = 4) whatever they spent.
+SEGMENT_GRID: dict[int, tuple[str, str, str, str, str]] = {
+    5: ("New", "Potential Loyalist", "Potential Loyalist", "Champions", "Champions"),
+    4: ("Promising", "Potential Loyalist", "Potential Loyalist", "Loyal", "Champions"),
+    3: ("Needs Attention", "Needs Attention", "Needs Attention", "Loyal", "Loyal"),
+    2: ("Hibernating", "Hibernating", "At Risk", "At Risk", "Can't Lose"),
+    1: ("Lost", "Lost", "At Risk", "Can't Lose", "Can't Lose"),
+}
+SEGMENTS = (
+    "Champions",
+    "Loyal",
+    "Potential Loyalist",
+    "New",
+    "Promising",
+    "Needs Attention",
+    "At Risk",
+    "Can't Lose",
+    "Hibernating",
+    "Lost",
+)
+VALUE_TIERS = ("vip", "high", "medium", "low")
+
+
+@dataclass(frozen=True)
+class Breakpoints:
+    """Four cut points per dimension (quintiles); monetary and value tiers per currency."""
+
+    version: int
+    computed_at: str | None
+    customers: int
+    recency_days: tuple[float, ...]  # ascending; fewer days = better
+    frequency: tuple[float, ...]  # distinct purchase days, ascending
+    monetary: dict[str, tuple[float, ...]]  # net spend per currency, ascending
+    # Net spend at which a customer becomes (medium, high, vip), per currency.
+    tiers: dict[str, tuple[float, float, float]] = field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "_id": self.version,
+            "computed_at": self.computed_at,
+            "customers": self.customers,
+            "recency_days": list(self.recency_days),
+            "frequency": list(self.frequency),
+            "monetary": {k: list(v) for k, v in self.monetary.items()},
+            "tiers": {k: list(v) for k, v in self.tiers.items()},
+        }
+
+    @classmethod
+    def from_doc(cls, d: dict[str, Any]) -> Breakpoints:
+        return cls(
+            version=int(d["_id"]),
+            computed_at=d.get("computed_at"),
+            customers=int(d.get("customers", 0)),
+            recency_days=tuple(d["recency_days"]),
+            frequency=tuple(d["frequency"]),
+            monetary={k: tuple(v) for k, v in d["monetary"].items()},
+            tiers={k: tuple(v) for k, v in d.get("tiers", {}).items()},  # type: ignore[misc]
+        )
+
+
+# Used until the first population computation: round numbers that suit a
+# shop where a typical order is a few tens of dollars.
+BOOTSTRAP = Breakpoints(
+    version=0,
+    computed_at=None,
+    customers=0,
+    recency_days=(30, 90, 180, 365),
+    frequency=(1, 2, 3, 5),
+    monetary={"*": (25, 60, 150, 400)},
+    tiers={"*": (60, 250, 1000)},
+)
+
+
+def _cut(value: float, points: Sequence[float]) -> int:
+    return bisect_left(points, value)
+
+
+def recency_score(days: float, bp: Breakpoints) -> int:
+    return 5 - _cut(days, bp.recency_days)
+
+
+def frequency_score(purchase_days: int, bp: Breakpoints) -> int:
+    return 1 + _cut(purchase_days, bp.frequency)
+
+
+def monetary_score(net_spend: Decimal, currency: str, bp: Breakpoints) -> int:
+    points = bp.monetary.get(currency) or bp.monetary.get("*") or BOOTSTRAP.monetary["*"]
+    return 1 + _cut(float(net_spend), points)
+
+
+def segment(r: int, f: int, m: int) -> str:
+    if f == 1 and r >= 4:
+        return "New" if r == 5 else "Promising"
+    fm = min(5, max(1, int((f + m) / 2 + 0.5)))
+    return SEGMENT_GRID[r][fm - 1]
+
+
+def value_tier(net_spend: Decimal, currency: str | None, bp: Breakpoints) -> str:
+    """VIP / high / medium / low by net spend against the population's percentiles."""
+    if currency is None or net_spend <= 0:
+        return "low"
+    medium, high, vip = bp.tiers.get(currency) or bp.tiers.get("*") or BOOTSTRAP.tiers["*"]
+    spend = float(net_spend)
+    if spend >= vip:
+        return "vip"
+    if spend >= high:
+        return "high"
+    if spend >= medium:
+        return "medium"
+    return "low"
+
+
+@dataclass(frozen=True)
+class Scores:
+    r: int
+    f: int
+    m: int
+    segment: str
+    version: int
+
+
+def score(days_since_last: float, purchase_days: int, net_spend: Decimal, currency: str, bp: Breakpoints) -> Scores:
+    r = recency_score(days_since_last, bp)
+    f = frequency_score(purchase_days, bp)
+    m = monetary_score(net_spend, currency, bp)
+    return Scores(r, f, m, segment(r, f, m), bp.version)
+
+
+def next_recency_change(days_since_last: float, bp: Breakpoints) -> float | None:
+    """Days since the last purchase at which R drops next (None once R = 1)."""
+    for point in bp.recency_days:
+        if days_since_last <= point:
+            # R drops when the days exceed the point (ties stay at the higher score).
+            return point
+    return None
+
+
+@dataclass(frozen=True)
+class PopulationRow:
+    days_since_last: float
+    purchase_days: int
+    currency: str
+    net_spend: float
+
+
+def _quantiles(values: Sequence[float], qs: Sequence[float]) -> tuple[float, ...]:
+    return tuple(round(float(x), 2) for x in np.quantile(np.asarray(values, dtype=float), qs, method="linear"))
+
+
+def compute_breakpoints(
+    rows: Iterable[PopulationRow],
+    *,
+    version: int,
+    now: datetime,
+    tier_quantiles: tuple[float, float, float] = (0.40, 0.75, 0.95),
+    min_customers: int = 100,
+) -> Breakpoints | None:
+    """Quintile cut points of the customers who bought at least once; None if there are too few."""
+    rows = list(rows)
+    if len(rows) < min_customers:
+        return None
+    quintiles = (0.2, 0.4, 0.6, 0.8)
+    by_currency: dict[str, list[float]] = defaultdict(list)
+    for row in rows:
+        by_currency[row.currency].append(row.net_spend)
+    monetary, tiers = {}, {}
+    for cur, values in by_currency.items():
+        if len(values) >= min_customers:
+            monetary[cur] = _quantiles(values, quintiles)
+            tiers[cur] = _quantiles(values, tier_quantiles)
+    monetary.setdefault("*", BOOTSTRAP.monetary["*"])
+    tiers.setdefault("*", BOOTSTRAP.tiers["*"])
+    return Breakpoints(
+        version=version,
+        computed_at=now.isoformat(),
+        customers=len(rows),
+        recency_days=_quantiles([r.days_since_last for r in rows], quintiles),
+        frequency=_quantiles([r.purchase_days for r in rows], quintiles),
+        monetary=monetary,
+        tiers=tiers,  # type: ignore[arg-type]
+    )

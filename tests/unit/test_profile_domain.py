@@ -1,0 +1,330 @@
+"""The profile's pure core: RFM scoring, segments, lifecycle, birthdays across timezones, refund netting."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contracts.shop import (
+    ConsentChanged,
+    ConsentChangedData,
+    Consents,
+    CustomerErasureRequested,
+    CustomerErasureRequestedData,
+    CustomerRegistered,
+    CustomerRegisteredData,
+    InteractionRecorded,
+    InteractionRecordedData,
+    PurchaseCompleted,
+    PurchaseCompletedData,
+    PurchaseLine,
+    PurchaseRefunded,
+    PurchaseRefundedData,
+)
+from services.profile import lifecycle, rfm
+from services.profile.domain import ProfileDomain, net_spend, top_categories
+from services.profile.moments import birthday_in, greeting_time, next_greeting
+
+T0 = datetime(1997, 1, 10, 12, tzinfo=UTC)
+
+
+def _ev(cls, data, at=T0, cid="c1"):
+    return cls(event_id=uuid.uuid4(), occurred_at=at, producer="t", customer_id=cid, data=data)
+
+
+def reg(at=T0, **kw):
+    fields = {"name": "Ann", "email": "ann@example.com", "timezone": "UTC", "consents": Consents(email=True), **kw}
+    return _ev(CustomerRegistered, CustomerRegisteredData(**fields), at)
+
+
+def buy(order="o1", total="30.00", at=T0, lines=None):
+    lines = lines or [PurchaseLine(sku="a", category="rock", quantity=1, unit_price=total)]
+    return _ev(
+        PurchaseCompleted,
+        PurchaseCompletedData(order_id=order, store_id="s", channel="online", currency="USD", total=total, lines=lines),
+        at,
+    )
+
+
+def refund(order="o1", amount="10.00", refund_id="r1", at=T0):
+    return _ev(
+        PurchaseRefunded, PurchaseRefundedData(order_id=order, refund_id=refund_id, currency="USD", amount=amount), at
+    )
+
+
+def run(domain, events, now=None):
+    state, out = None, []
+    for e in events:
+        state, derived = domain.apply(state, e, now or e.occurred_at)
+        out.extend(derived)
+    return state, out
+
+
+def kinds(events):
+    return [e.data.kind for e in events if e.type == "CareRequested"]
+
+
+# -- RFM ------------------------------------------------------------------------
+
+BP = rfm.Breakpoints(
+    version=3,
+    computed_at=None,
+    customers=1000,
+    recency_days=(20, 60, 150, 300),
+    frequency=(1, 1, 2, 4),
+    monetary={"USD": (20, 40, 80, 200)},
+    tiers={"USD": (40, 150, 600)},
+)
+
+
+@pytest.mark.parametrize(
+    ("days", "score"), [(0, 5), (20, 5), (20.5, 4), (60, 4), (61, 3), (150, 3), (151, 2), (300, 2), (301, 1)]
+)
+def test_recency_score_falls_once_the_days_exceed_a_breakpoint(days, score):
+    assert rfm.recency_score(days, BP) == score
+
+
+def test_ties_at_a_breakpoint_go_to_the_lower_frequency_score():
+    # Half the base bought once: all of them are F=1, not spread over F=1..3.
+    assert [rfm.frequency_score(n, BP) for n in (1, 2, 3, 4, 5)] == [1, 3, 4, 4, 5]
+
+
+def test_monetary_uses_the_currency_breakpoints_and_falls_back_to_the_bootstrap():
+    assert rfm.monetary_score(Decimal("250"), "USD", BP) == 5
+    assert rfm.monetary_score(Decimal("10"), "USD", BP) == 1
+    assert rfm.monetary_score(Decimal("70"), "EUR", BP) == 3  # "*" (bootstrap) cut points 25/60/150/400
+
+
+@pytest.mark.parametrize(
+    ("r", "f", "m", "name"),
+    [
+        (5, 5, 5, "Champions"),
+        (5, 1, 5, "New"),
+        (4, 1, 1, "Promising"),
+        (4, 4, 4, "Loyal"),
+        (5, 2, 3, "Potential Loyalist"),
+        (3, 2, 2, "Needs Attention"),
+        (2, 4, 3, "At Risk"),
+        (1, 5, 5, "Can't Lose"),
+        (2, 1, 1, "Hibernating"),
+        (1, 1, 2, "Lost"),
+        (3, 1, 1, "Needs Attention"),
+    ],
+)
+def test_segment_grid(r, f, m, name):
+    assert rfm.segment(r, f, m) == name
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5))
+def test_every_score_combination_has_one_of_the_ten_segments(r, f, m):
+    assert rfm.segment(r, f, m) in rfm.SEGMENTS
+
+
+def test_value_tiers_follow_the_population_percentiles():
+    assert [rfm.value_tier(Decimal(x), "USD", BP) for x in ("0", "39", "40", "149.99", "150", "600")] == [
+        "low",
+        "low",
+        "medium",
+        "medium",
+        "high",
+        "vip",
+    ]
+
+
+def test_breakpoints_are_population_quintiles_and_need_enough_customers():
+    rows = [
+        rfm.PopulationRow(days_since_last=i, purchase_days=1 + i % 3, currency="USD", net_spend=i * 10.0)
+        for i in range(100)
+    ]
+    bp = rfm.compute_breakpoints(rows, version=4, now=T0, min_customers=100)
+    assert bp is not None and bp.version == 4 and bp.customers == 100
+    assert bp.recency_days == (19.8, 39.6, 59.4, 79.2)
+    assert bp.monetary["USD"] == (198.0, 396.0, 594.0, 792.0)
+    assert bp.tiers["USD"][2] == pytest.approx(940.5)
+    assert rfm.Breakpoints.from_doc(bp.to_doc()) == bp
+    assert rfm.compute_breakpoints(rows[:99], version=5, now=T0, min_customers=100) is None
+
+
+# -- lifecycle --------------------------------------------------------------------
+
+RULES = lifecycle.LifecycleRules()
+
+
+@pytest.mark.parametrize(
+    ("days", "since", "cadence", "stage"),
+    [
+        (0, None, 90, "new"),
+        (1, 5, 90, "new"),
+        (2, 5, 10, "growing"),
+        (6, 5, 10, "mature"),
+        (6, 61, 10, "declining"),  # 2x cadence is 20 days, but never before 60
+        (6, 59, 10, "mature"),
+        (3, 181, 30, "lost"),
+        (3, 121, 60, "declining"),
+        (3, 241, 60, "lost"),
+    ],
+)
+def test_lifecycle_stage_relative_to_own_cadence(days, since, cadence, stage):
+    assert lifecycle.stage(days, since, cadence, RULES) == stage
+
+
+def test_cadence_is_the_mean_gap_between_purchase_days():
+    assert lifecycle.cadence_days(100, 130, 4, RULES) == 10
+    assert lifecycle.cadence_days(100, 100, 1, RULES) == RULES.default_cadence_days
+
+
+def test_time_alone_moves_a_customer_to_declining_then_lost():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy()])
+    assert state["stage"] == "new"
+    changes = []
+    for day in range(1, 400):
+        now = T0 + timedelta(days=day)
+        due = d.due(state)
+        if due is not None and due <= now:
+            state, out = d.tick(state, "c1", now)
+            changes += [(day, e.data.to_stage) for e in out if e.type == "LifecycleStageChanged"]
+    assert changes == [(181, "declining"), (361, "lost")]  # one purchase: default cadence 90 days
+
+
+# -- birthdays ---------------------------------------------------------------------
+
+
+def test_feb_29_birthdays_are_celebrated_on_feb_28_in_common_years():
+    assert birthday_in(1997, date(1972, 2, 29)) == date(1997, 2, 28)
+    assert birthday_in(2000, date(1972, 2, 29)) == date(2000, 2, 29)
+
+
+@pytest.mark.parametrize(
+    ("tz", "utc_hour", "utc_day"),
+    [("Asia/Shanghai", 1, 14), ("America/Los_Angeles", 17, 14), ("Pacific/Kiritimati", 19, 13), ("UTC", 9, 14)],
+)
+def test_greeting_is_at_nine_local_time(tz, utc_hour, utc_day):
+    at = greeting_time(date(1980, 3, 14), 1997, tz).astimezone(UTC)
+    assert (at.day, at.hour) == (utc_day, utc_hour)
+
+
+def test_next_greeting_waits_for_next_year_once_sent_or_once_the_day_is_over():
+    bday = date(1980, 3, 14)
+    assert next_greeting(bday, "UTC", None, datetime(1997, 3, 14, 20, tzinfo=UTC)).year == 1997  # still the day
+    assert next_greeting(bday, "UTC", None, datetime(1997, 3, 15, 0, 1, tzinfo=UTC)).year == 1998
+    assert next_greeting(bday, "UTC", 1997, datetime(1997, 3, 14, 8, tzinfo=UTC)).year == 1998
+
+
+def test_birthday_greeting_once_a_year_in_the_customers_timezone():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(birthday=date(1972, 2, 29), timezone="Asia/Shanghai")])
+    sent = []
+    now = T0
+    while now < datetime(1999, 1, 1, tzinfo=UTC):
+        now += timedelta(hours=1)
+        if d.due(state) <= now:
+            state, out = d.tick(state, "c1", now)
+            sent += [e for e in out if e.type == "CareRequested"]
+    assert [e.data.not_before.astimezone(UTC).isoformat() for e in sent] == [
+        "1997-02-28T01:00:00+00:00",
+        "1998-02-28T01:00:00+00:00",
+    ]
+    assert len({e.event_id for e in sent}) == 2
+
+
+# -- purchases, refunds, care ------------------------------------------------------------
+
+
+def test_refunds_are_netted_proportionally_and_never_exceed_the_order():
+    d = ProfileDomain()
+    lines = [
+        PurchaseLine(sku="a", category="rock", quantity=1, unit_price="30.00"),
+        PurchaseLine(sku="b", category="jazz", quantity=1, unit_price="10.00"),
+    ]
+    state, _ = run(d, [reg(), buy(total="40.00", lines=lines), refund(amount="20.00")])
+    assert net_spend(state, "USD") == Decimal("20.00")
+    assert Decimal(state["categories"]["rock"]["s"]["USD"]) == Decimal("15.00")
+    assert Decimal(state["categories"]["jazz"]["s"]["USD"]) == Decimal("5.00")
+    assert state["purchases"]["refunded_orders"] == 0
+    state, _ = d.apply(state, refund(amount="20.00"), T0)  # same refund id again: ignored
+    assert net_spend(state, "USD") == Decimal("20.00")
+    state, _ = d.apply(state, refund(amount="500.00", refund_id="r2"), T0)  # capped at what is left
+    assert net_spend(state, "USD") == Decimal("0")
+    assert state["purchases"]["refunded_orders"] == 1
+
+
+def test_care_moments_and_no_resend_for_the_same_order():
+    d = ProfileDomain()
+    complaint = _ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1"))
+    state, out = run(d, [reg(), buy(), buy(), complaint])  # second buy(): same order id, new event id
+    assert kinds(out) == ["welcome", "first_purchase_thanks", "complaint_acknowledgement"]
+    assert state["purchases"]["orders"] == 1
+    assert {e.data.purpose for e in out if e.type == "CareRequested"} == {"transactional"}
+
+
+def test_satisfaction_follow_up_after_n_days_and_after_a_resolved_ticket():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy()])
+    state, out = d.tick(state, "c1", T0 + timedelta(days=2))
+    assert kinds(out) == []
+    state, out = d.tick(state, "c1", T0 + timedelta(days=3, minutes=1))
+    assert kinds(out) == ["satisfaction_follow_up"]
+    assert out[0].data.not_before == T0 + timedelta(days=3)
+    # A second purchase within the 30-day gap asks nothing; a resolved ticket always does.
+    state, _ = d.apply(state, buy("o2", at=T0 + timedelta(days=5)), T0 + timedelta(days=5))
+    assert "followup" not in state["due"]
+    resolved = _ev(
+        InteractionRecorded,
+        InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1", ticket_status="resolved"),
+        T0 + timedelta(days=6),
+    )
+    state, _ = d.apply(state, resolved, T0 + timedelta(days=6))
+    state, out = d.tick(state, "c1", T0 + timedelta(days=9, minutes=1))
+    assert kinds(out) == ["satisfaction_follow_up"] and out[0].data.template_data["reason"] == "ticket"
+
+
+def test_profile_updated_only_when_the_snapshot_changes():
+    d = ProfileDomain()
+    state, out = run(d, [reg(), buy("o1", "10.00"), buy("o2", "10.00", at=T0 + timedelta(hours=1))])
+    assert [e.type for e in out].count("ProfileUpdated") == 2  # registration; top categories appear
+    state, out = d.apply(state, buy("o3", "50.00", at=T0 + timedelta(hours=2)), T0 + timedelta(hours=2))
+    assert [e.data.value_tier for e in out if e.type == "ProfileUpdated"] == ["medium"]
+    consent = _ev(ConsentChanged, ConsentChangedData(channel="sms", granted=True, source="sms-keyword"))
+    state, out = d.apply(state, consent, T0)
+    assert [e.type for e in out] == ["ProfileUpdated"] and out[0].data.consents.sms is True
+    assert state["consent_history"][-1]["source"] == "sms-keyword"
+
+
+def test_segment_changed_only_on_transitions():
+    d = ProfileDomain(breakpoints=BP)
+    events = [reg()] + [buy(f"o{i}", at=T0 + timedelta(days=i)) for i in range(5)]
+    state, out = run(d, events)
+    moves = [(e.data.from_segment, e.data.to_segment) for e in out if e.type == "SegmentChanged"]
+    assert moves == [(None, "New"), ("New", "Potential Loyalist"), ("Potential Loyalist", "Champions")]
+    assert top_categories(state, 3) == ["rock"]
+
+
+def test_erasure_drops_personal_data_keeps_aggregates_and_is_announced():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy()])
+    erase = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q1", reason="asked"))
+    state, out = d.apply(state, erase, T0)
+    assert [e.type for e in out] == ["CustomerErased"]
+    assert state["contact"] == {} and state["consent_history"] == [] and state["recent"] == []
+    assert net_spend(state, "USD") == Decimal("30.00")
+    # Later events never bring back care requests or snapshots for an erased customer.
+    state, out = d.apply(state, buy("o9"), T0 + timedelta(days=1))
+    assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
+
+
+def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy()])
+    import copy
+
+    frozen = copy.deepcopy(state)
+    d.apply(state, buy("o2"), T0)
+    assert state == frozen
+    same, out = d.tick(state, "c1", T0 + timedelta(hours=1))
+    assert same is state and out == []
