@@ -27,9 +27,9 @@ __all__ = [
     "Registry",
     "crm",
     "derive",
-    "scheduled",
     "derived_id",
     "registry_for",
+    "scheduled",
     "shop",
     "topics",
 ]

@@ -4,8 +4,13 @@ import sys
 from services.profile.app import build
 from services.profile.crypto import KeyConfigError
 
-try:
-    host = build()
-except KeyConfigError as exc:
-    sys.exit(f"profile: {exc}")
-asyncio.run(host.run())
+
+async def main() -> None:
+    try:
+        host = build()  # inside the loop: the Kafka clients bind to it
+    except KeyConfigError as exc:
+        sys.exit(f"profile: {exc}")
+    await host.run()
+
+
+asyncio.run(main())

@@ -101,9 +101,13 @@ class SegmentMaintenance:
         latest = await self.store.latest_breakpoints()
         if latest is not None:
             self.domain.breakpoints = latest
+        exported = 0.0
         while True:
             try:
                 await self.step(host)
+                if time.monotonic() - exported >= self.settings.segment_export_interval_s:
+                    exported = time.monotonic()
+                    await self._export()
             except Exception:
                 log.exception("segment maintenance failed; retrying")
             await asyncio.sleep(min(5.0, max(self.settings.rfm_refresh_min_wall_s, 1.0)))
@@ -126,7 +130,6 @@ class SegmentMaintenance:
             )
             if bp is not None:
                 await self._adopt(host, await self.store.insert_breakpoints(bp), now)
-        await self._export(host)
 
     def _refresh_due(self, current: rfm.Breakpoints, now) -> bool:
         if time.monotonic() - self._last_wall < self.settings.rfm_refresh_min_wall_s and self._last_wall:
@@ -142,7 +145,7 @@ class SegmentMaintenance:
             self.store.schedule.touch_all(now)
         log.info("RFM breakpoints version %d in use (%d customers)", bp.version, bp.customers)
 
-    async def _export(self, host: ServiceHost) -> None:
+    async def _export(self) -> None:
         counts = await self.store.counts()
         assert self.gauge is not None
         self.gauge.clear()

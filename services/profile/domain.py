@@ -164,6 +164,16 @@ def window_counts(state: dict[str, Any], now: datetime, windows: tuple[int, ...]
     return out
 
 
+def _differs(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
+    # Top categories that only swap places are not worth a message to every consumer.
+    if old is None:
+        return True
+    return {**new, "top_categories": set(new["top_categories"])} != {
+        **old,
+        "top_categories": set(old["top_categories"]),
+    }
+
+
 # -- the domain ----------------------------------------------------------------
 
 
@@ -212,7 +222,12 @@ class ProfileDomain:
         return st, out
 
     def due(self, state: dict[str, Any]) -> datetime | None:
+        """The earliest of: follow-up, birthday greeting, and the next recency threshold (from the
+        current breakpoints, so it is computed here rather than stored)."""
         times = [datetime.fromisoformat(v) for v in (state.get("due") or {}).values() if v]
+        recency = self._recency_due(state)
+        if recency is not None:
+            times.append(recency)
         return min(times) if times else None
 
     # Event handlers (mutate the clone) --------------------------------------------
@@ -371,7 +386,7 @@ class ProfileDomain:
         st["orders"] = {}
         st["complaints"]["open"] = []
         st["care"]["followup"] = None
-        st["due"] = {k: v for k, v in st["due"].items() if k == "recency"}
+        st["due"] = {}
         st["erased_at"] = ev.occurred_at.isoformat()
         out.append(derive(CustomerErased, ev, CustomerErasedData(request_id=ev.data.request_id), producer=PRODUCER))
 
@@ -493,11 +508,13 @@ class ProfileDomain:
         old_rfm = before.get("rfm") if before else None
         if since is not None and cur is not None:
             s = rfm.score(since, st["purchases"]["days"], net_spend(st, cur), cur, bp)
-            st["rfm"] = {"r": s.r, "f": s.f, "m": s.m, "segment": s.segment, "version": s.version}
+            if old_rfm is None or (old_rfm["r"], old_rfm["f"], old_rfm["m"]) != (s.r, s.f, s.m):
+                # The version says which breakpoints produced these scores; a new version that
+                # scores the customer the same changes nothing (and costs no write).
+                st["rfm"] = {"r": s.r, "f": s.f, "m": s.m, "segment": s.segment, "version": s.version}
         st["value_tier"] = rfm.value_tier(net_spend(st, cur), cur, bp) if st["registered_at"] or cur else None
         cad = cadence(st, rules)
         st["stage"] = lifecycle.stage(st["purchases"]["days"], since, cad, rules.lifecycle)
-        self._plan_recency(st, since, cad)
         if st.get("erased_at"):
             return
         new_rfm = st["rfm"]
@@ -526,27 +543,28 @@ class ProfileDomain:
                 )
             )
         snap = snapshot(st, rules)
-        if snap is not None and snap != snapshot(before, rules):
+        if snap is not None and _differs(snap, snapshot(before, rules)):
             out.append(make(ProfileUpdated, ProfileUpdatedData(**snap), "snapshot"))
 
-    def _plan_recency(self, st, since: float | None, cad: float) -> None:
-        if since is None:
-            st["due"].pop("recency", None)
-            return
-        candidates = [
-            x
-            for x in (
-                rfm.next_recency_change(since, self.breakpoints),
-                lifecycle.next_stage_change(since, cad, self.rules.lifecycle),
-            )
-            if x is not None
-        ]
-        if not candidates:
-            st["due"].pop("recency", None)
-            return
+    def _recency_due(self, st) -> datetime | None:
         last = _ts(st["purchases"]["last"])
+        if last is None:
+            return None
+        # Measured from the last purchase: the thresholds still ahead of the current scores.
+        r = (st.get("rfm") or {}).get("r")
+        # R = 5 - (cut points already exceeded), so the next drop comes at cut point 5 - R.
+        cuts = list(self.breakpoints.recency_days[5 - r :] if r else self.breakpoints.recency_days)
+        stage = st.get("stage")
+        limits = list(lifecycle.thresholds(cadence(st, self.rules), self.rules.lifecycle))
+        if stage == "declining":
+            limits = limits[1:]
+        elif stage == "lost":
+            limits = []
+        candidates = [*cuts, *limits]
+        if not candidates:
+            return None
         # A second past the threshold: the scores change only once the days exceed it.
-        st["due"]["recency"] = (last + timedelta(days=min(candidates), seconds=1)).isoformat()
+        return last + timedelta(days=min(candidates), seconds=1)
 
 
 _HANDLERS = {

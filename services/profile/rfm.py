@@ -4,6 +4,14 @@ Pure functions. Breakpoints are recomputed from the customer base now and then
 (see `compute_breakpoints`) and stored with a version; until the base is large
 enough, the bootstrap breakpoints below (version 0) apply.
 
+Recency is judged against the shop's own rhythm: its cut points are the
+quintiles of the customers' mean gaps between purchase days (repeat buyers),
+not quintiles of days-since-last-purchase. The latter call a customer who has
+not bought for 300 days "recent" whenever most of the base has gone quiet
+(a dormant cohort, as in CDNOW by 1998); a gap-based cut point says "recent"
+means "within the time customers here usually take to come back". With too
+few repeat buyers the recency quantiles of the base are used instead.
+
 Scores use "how many breakpoints lie strictly below the value": ties at a
 breakpoint go to the lower score, which keeps the many one-time buyers of a
 typical shop in F=1 instead of spreading them over several quintiles.
@@ -166,10 +174,18 @@ class PopulationRow:
     purchase_days: int
     currency: str
     net_spend: float
+    mean_gap_days: float | None = None  # between distinct purchase days; None for one purchase day
 
 
 def _quantiles(values: Sequence[float], qs: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(float(x), 2) for x in np.quantile(np.asarray(values, dtype=float), qs, method="linear"))
+
+
+def _recency_cuts(rows: list[PopulationRow], qs: Sequence[float], min_customers: int) -> tuple[float, ...]:
+    gaps = [r.mean_gap_days for r in rows if r.mean_gap_days is not None]
+    if len(gaps) >= min_customers:
+        return _quantiles(gaps, qs)
+    return _quantiles([r.days_since_last for r in rows], qs)
 
 
 def compute_breakpoints(
@@ -199,7 +215,7 @@ def compute_breakpoints(
         version=version,
         computed_at=now.isoformat(),
         customers=len(rows),
-        recency_days=_quantiles([r.days_since_last for r in rows], quintiles),
+        recency_days=_recency_cuts(rows, quintiles, min_customers),
         frequency=_quantiles([r.purchase_days for r in rows], quintiles),
         monetary=monetary,
         tiers=tiers,  # type: ignore[arg-type]

@@ -90,6 +90,8 @@ def make_broker(settings: CommonSettings, service: str, registry: CollectorRegis
         client_id=f"crm-{service}",
         middlewares=[KafkaPrometheusMiddleware(registry=registry, app_name=service, metrics_prefix="crm_faststream")],
         logger=logging.getLogger(f"faststream.{service}"),
+        # Its per-batch "Received"/"Processed" lines are noise at INFO; our metrics count batches.
+        log_level=logging.DEBUG,
     )
 
 

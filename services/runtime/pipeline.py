@@ -175,9 +175,11 @@ class Pipeline:
             finally:
                 customer_id_var.reset(token_c)
             due = self._due(state) if self._due else None
-            if state is doc.state and not derived and due == doc.due:
-                if due is not None:
-                    self.store.schedule.set(cid, due)
+            if state is doc.state and not derived:
+                # Only the due time moved (e.g. new scoring rules): the schedule in memory
+                # is enough; the stored value is refreshed by the next real write.
+                doc.due = due
+                self.store.schedule.set(cid, due)
                 continue
             doc.state, doc.due, doc.dirty = state, due, True
             for d in derived:
@@ -201,7 +203,7 @@ class Pipeline:
             if doc.has_seen(eid):
                 result.duplicates += 1
                 continue
-            self.clock.observe(event.occurred_at)
+            self.clock.observe(event.occurred_at, (rec.topic, rec.partition))
             token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
             try:
                 state, derived = self.domain.apply(doc.state, event, self.clock.now())

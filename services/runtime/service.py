@@ -124,6 +124,9 @@ class ServiceHost:
 
     def _on_assign(self) -> None:
         self.store.schedule.stale = True
+        forget = getattr(self.clock, "forget_sources", None)
+        if forget is not None:
+            forget()
 
     def owns(self, customer_id: str) -> bool:
         """Whether this replica owns the customer: the producer's partitioner, checked against our assignment.

@@ -13,9 +13,25 @@ from services.stack.servers import pid_alive, read_pid
 from tests.support.backends import free_port
 
 
+def _ready(port: int, timeout: float) -> bool:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
+    profile_port = free_port()
     env = {
         **os.environ,
+        "CRM_PROFILE_HTTP_PORT": str(profile_port),
         "CRM_STACK_VAR_DIR": str(tmp_path / "var"),
         "CRM_STACK_KAFKA_PORT": str(free_port()),
         "CRM_STACK_MONGO_PORT": str(free_port()),
@@ -41,6 +57,9 @@ def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
         pids = {p.stem: read_pid(p) for p in run_dir.glob("*.pid")}
         assert {"kafka", "mongo", "valkey"} <= set(pids), "".join(lines)
         assert all(pid_alive(pid) for pid in pids.values())
+        # The services really run under the supervisor (keys generated, consuming), not crash-looping.
+        assert _ready(profile_port, 45), (tmp_path / "var" / "log" / "profile.log").read_text()[-3000:]
+        assert (tmp_path / "var" / "secrets.env").stat().st_mode & 0o077 == 0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     finally:

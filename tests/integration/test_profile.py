@@ -170,10 +170,11 @@ async def test_birthday_greeting_at_nine_local_time_under_event_time(common):
         await _send(
             common, "shop.interactions", [registered(cid, birthday="1972-03-02", occurred_at=start.isoformat())]
         )
-        # Nothing else happens for this customer; another customer's purchase moves event time on.
+        # Event time moves on (a page view the next afternoon); the greeting itself comes from the sweep.
         later = (start + timedelta(days=1, hours=2)).isoformat()
-        await _send(common, "shop.purchases", [purchase("someone-else", occurred_at=later)])
-        care = await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=3, settle=2.0)
+        view = shop_event("InteractionRecorded", cid, {"kind": "page_view", "channel": "web"}, occurred_at=later)
+        await _send(common, "shop.interactions", [view])
+        care = await read_topic(common.kafka_bootstrap, common.topic("crm.care"), expect=2, settle=2.0)
         greetings = [json.loads(r.value) for r in care if json.loads(r.value)["data"]["kind"] == "birthday_greeting"]
         assert len(greetings) == 1
         g = greetings[0]

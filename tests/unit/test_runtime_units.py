@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from services.runtime.clock import EventClock
 from services.runtime.logs import JsonFormatter, customer_id_var, mask_text
 from services.runtime.records import DLQ_REASON, DeadLetter, Record, header
-from services.runtime.statestore import CustomerDoc, OutboxEntry, PlainCodec
+from services.runtime.statestore import CustomerDoc, OutboxEntry, PlainCodec, Schedule
 
 
 def test_personal_data_is_masked_in_log_lines():
@@ -62,9 +62,39 @@ def test_event_clock_never_goes_back():
     assert clock.now() == datetime(1997, 3, 1, tzinfo=UTC)
 
 
+def test_event_clock_is_the_low_watermark_of_its_sources():
+    clock = EventClock()
+    clock.observe(datetime(1997, 1, 1, tzinfo=UTC), ("p", 0))
+    clock.observe(datetime(1997, 3, 1, tzinfo=UTC), ("p", 1))
+    assert clock.now() == datetime(1997, 1, 1, tzinfo=UTC)  # partition 0 is behind
+    clock.observe(datetime(1997, 2, 1, tzinfo=UTC), ("p", 0))
+    assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)
+    clock.forget_sources()
+    clock.observe(datetime(1997, 1, 15, tzinfo=UTC), ("p", 2))
+    assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)  # never back
+
+
 def test_dead_letter_headers_keep_the_original_ones_and_add_the_reason():
     rec = Record("shop.purchases", 3, 42, b"c-1", b"x", (("trace", b"\xff"), (DLQ_REASON, b"old")))
     headers = DeadLetter(rec, "bad", "profile").headers()
     assert ("trace", b"\xff") in headers
     assert header(headers, DLQ_REASON) == "bad"
     assert sum(1 for k, _ in headers if k == DLQ_REASON) == 1
+
+
+def test_schedule_pops_due_customers_once_in_time_order():
+    from datetime import UTC, datetime, timedelta
+
+    t = datetime(1997, 1, 1, tzinfo=UTC)
+    s = Schedule()
+    s.set("a", t + timedelta(days=2))
+    s.set("b", t + timedelta(days=1))
+    s.set("c", None)
+    s.set("a", t + timedelta(days=5))  # superseded: the old entry must not fire
+    assert s.next_due() == t + timedelta(days=1)
+    assert s.pop_due(t + timedelta(days=3), limit=10) == ["b"]
+    assert s.pop_due(t + timedelta(days=3), limit=10) == []
+    s.touch_all(t)
+    assert sorted(s.pop_due(t, limit=10)) == ["a", "b", "c"]
+    s.clear()
+    assert s.stale and s.next_due() is None

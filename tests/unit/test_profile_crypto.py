@@ -1,0 +1,52 @@
+"""Contact data at rest: encrypted fields, sealed outbox, key rotation, keyed lookups."""
+
+from __future__ import annotations
+
+import pytest
+from cryptography.fernet import Fernet
+
+from services.profile.crypto import ContactCodec, KeyConfigError, LookupHasher, make_cipher
+
+STATE = {"contact": {"name": "王芳", "email": "fang@example.com", "phone": "+8613800138000"}, "stage": "new"}
+
+
+def test_contact_fields_are_encrypted_and_round_trip():
+    codec = ContactCodec(make_cipher(Fernet.generate_key().decode()))
+    stored = codec.encode(STATE)
+    text = repr(stored)
+    assert "fang@example.com" not in text and "13800138000" not in text and "王芳" not in text
+    assert stored["stage"] == "new"
+    assert codec.decode(stored) == STATE
+    assert STATE["contact"]["email"] == "fang@example.com"  # the input is not modified
+
+
+def test_rotation_new_key_first_still_reads_old_data():
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    stored = ContactCodec(make_cipher(old)).encode(STATE)
+    assert ContactCodec(make_cipher(f"{new},{old}")).decode(stored) == STATE
+    with pytest.raises(KeyConfigError, match="does not decrypt"):
+        ContactCodec(make_cipher(new)).decode(stored)
+
+
+def test_missing_or_bad_keys_are_explained():
+    with pytest.raises(KeyConfigError, match="CRM_PROFILE_ENCRYPTION_KEYS is empty"):
+        make_cipher("")
+    with pytest.raises(KeyConfigError, match="invalid Fernet key"):
+        make_cipher("not-a-key")
+    with pytest.raises(KeyConfigError, match="at least 16"):
+        LookupHasher("short")
+
+
+def test_lookup_hash_is_keyed_and_normalises_email():
+    a, b = LookupHasher("k" * 32), LookupHasher("j" * 32)
+    assert a.email("Fang@Example.com ") == a.email("fang@example.com")
+    assert a.email("fang@example.com") != b.email("fang@example.com")
+    assert "fang" not in a.email("fang@example.com")
+    assert a.keys_of(STATE) == {a.email("fang@example.com"), a.phone("+8613800138000")}
+
+
+def test_outbox_payloads_are_sealed():
+    codec = ContactCodec(make_cipher(Fernet.generate_key().decode()))
+    payload = b'{"email": "fang@example.com"}'
+    sealed = codec.seal(payload)
+    assert b"fang" not in sealed and codec.unseal(sealed) == payload
