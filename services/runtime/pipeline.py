@@ -99,6 +99,7 @@ class Pipeline:
         # Held by whoever changes state: the subscriber (across a batch and its offset commit)
         # and time-driven sweeps. Both touch the same cached docs; a rebalance waits for it.
         self.lock = asyncio.Lock()
+        self.last_offsets: dict[tuple[str, int], int] = {}  # newest offset handled per partition
         self._due = getattr(domain, "due", None)
         self._erasing = tuple(getattr(domain, "ERASING", ()))
 
@@ -108,6 +109,9 @@ class Pipeline:
         result = BatchResult(consumed=len(records))
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
         for rec in records:
+            src = (rec.topic, rec.partition)
+            if rec.offset > self.last_offsets.get(src, -1):
+                self.last_offsets[src] = rec.offset
             try:
                 event = self.registry.parse(rec.value, rec.key)
             except InvalidMessage as exc:

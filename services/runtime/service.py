@@ -64,6 +64,8 @@ class ServiceHost:
         self.common = common
         self.settings = settings
         self.clock = clock or make_clock(common.clock)
+        if hasattr(self.clock, "caught_up"):
+            self.clock.caught_up = self._caught_up
         self.registry = CollectorRegistry()
         self.metrics = PipelineMetrics(self.registry)
         self.mongo = AsyncMongoClient(common.mongo_url, tz_aware=True, serverSelectionTimeoutMS=10_000)
@@ -121,6 +123,18 @@ class ServiceHost:
 
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
+
+    def _caught_up(self, source: tuple[str, int]) -> bool:
+        """Whether this partition has nothing left to read (as of the last fetch's high watermark)."""
+        consumer = getattr(self.subscriber, "consumer", None)
+        last = self.pipeline.last_offsets.get(source)
+        if consumer is None or last is None:
+            return False
+        try:
+            high = consumer.highwater(TopicPartition(*source))
+        except (AssertionError, KeyError):
+            return True  # no longer assigned: it must not hold time back
+        return high is not None and last + 1 >= high
 
     def _on_assign(self) -> None:
         self.store.schedule.stale = True

@@ -63,15 +63,20 @@ def test_event_clock_never_goes_back():
 
 
 def test_event_clock_is_the_low_watermark_of_its_sources():
-    clock = EventClock()
+    wall = [0.0]
+    clock = EventClock(idle_s=5, monotonic=lambda: wall[0])
     clock.observe(datetime(1997, 1, 1, tzinfo=UTC), ("p", 0))
     clock.observe(datetime(1997, 3, 1, tzinfo=UTC), ("p", 1))
     assert clock.now() == datetime(1997, 1, 1, tzinfo=UTC)  # partition 0 is behind
     clock.observe(datetime(1997, 2, 1, tzinfo=UTC), ("p", 0))
     assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)
+    wall[0] = 3
+    clock.observe(datetime(1997, 4, 1, tzinfo=UTC), ("p", 1))
+    wall[0] = 6  # partition 0 has been quiet for 6 s: it no longer holds time back
+    assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)
     clock.forget_sources()
     clock.observe(datetime(1997, 1, 15, tzinfo=UTC), ("p", 2))
-    assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)  # never back
+    assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)  # never back
 
 
 def test_dead_letter_headers_keep_the_original_ones_and_add_the_reason():
