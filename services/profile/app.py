@@ -120,9 +120,11 @@ class SegmentMaintenance:
             await self._adopt(host, latest, now)
         elif now > EPOCH and self._refresh_due(current, now):
             self._last_wall = time.monotonic()
-            rows = await self.store.population(now)
+            rows, history_days = await self.store.population(now)
             bp = rfm.compute_breakpoints(
                 rows,
+                history_days=history_days,
+                min_history_days=self.settings.rfm_min_history_days,
                 version=max(current.version, latest.version if latest else 0) + 1,
                 now=now,
                 tier_quantiles=self.settings.value_tier_quantiles,

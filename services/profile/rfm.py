@@ -181,7 +181,13 @@ def _quantiles(values: Sequence[float], qs: Sequence[float]) -> tuple[float, ...
     return tuple(round(float(x), 2) for x in np.quantile(np.asarray(values, dtype=float), qs, method="linear"))
 
 
-def _recency_cuts(rows: list[PopulationRow], qs: Sequence[float], min_customers: int) -> tuple[float, ...]:
+def _recency_cuts(
+    rows: list[PopulationRow], qs: Sequence[float], min_customers: int, history_days: float, min_history_days: float
+) -> tuple[float, ...]:
+    if history_days < min_history_days:
+        # A young shop has seen only short gaps (none can be longer than its history), so its
+        # quintiles would call a customer lost after a few weeks: keep the bootstrap cut points.
+        return BOOTSTRAP.recency_days
     gaps = [r.mean_gap_days for r in rows if r.mean_gap_days is not None]
     if len(gaps) >= min_customers:
         return _quantiles(gaps, qs)
@@ -195,8 +201,10 @@ def compute_breakpoints(
     now: datetime,
     tier_quantiles: tuple[float, float, float] = (0.40, 0.75, 0.95),
     min_customers: int = 100,
+    history_days: float = float("inf"),
+    min_history_days: float = 180.0,
 ) -> Breakpoints | None:
-    """Quintile cut points of the customers who bought at least once; None if there are too few."""
+    """`history_days` is how far back the base's purchases go; recency needs `min_history_days` of it."""
     rows = list(rows)
     if len(rows) < min_customers:
         return None
@@ -215,7 +223,7 @@ def compute_breakpoints(
         version=version,
         computed_at=now.isoformat(),
         customers=len(rows),
-        recency_days=_recency_cuts(rows, quintiles, min_customers),
+        recency_days=_recency_cuts(rows, quintiles, min_customers, history_days, min_history_days),
         frequency=_quantiles([r.purchase_days for r in rows], quintiles),
         monetary=monetary,
         tiers=tiers,  # type: ignore[arg-type]

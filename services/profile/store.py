@@ -83,9 +83,11 @@ class ProfileStore(StateStore):
             return hit["c"]
         return None
 
-    async def population(self, now: datetime) -> list[rfm.PopulationRow]:
-        """Recency, frequency and spend of every customer who bought (one projection scan)."""
+    async def population(self, now: datetime) -> tuple[list[rfm.PopulationRow], float]:
+        """Recency, frequency and spend of every customer who bought (one projection scan),
+        and how many days back the base's purchase history goes."""
         rows = []
+        earliest = now
         query = {"s.purchases.last": {"$ne": None}}
         async for d in self.collection.find(query, {"s.purchases": 1, "s.spend": 1}):
             s = d.get("s") or {}
@@ -99,10 +101,12 @@ class ProfileStore(StateStore):
             days = max((now - last).total_seconds() / 86400, 0.0)
             n = int(p.get("days", 0))
             gap = None
-            if n >= 2 and p.get("first"):
-                gap = (last.toordinal() - datetime.fromisoformat(p["first"]).toordinal()) / (n - 1)
+            first = datetime.fromisoformat(p["first"]) if p.get("first") else last
+            earliest = min(earliest, first)
+            if n >= 2:
+                gap = (last.toordinal() - first.toordinal()) / (n - 1)
             rows.append(rfm.PopulationRow(days, n, cur, float(net_spend(s, cur)), gap))
-        return rows
+        return rows, (now - earliest).total_seconds() / 86400
 
     async def latest_breakpoints(self) -> rfm.Breakpoints | None:
         async for d in self.breakpoints.find().sort("_id", -1).limit(1):

@@ -150,6 +150,18 @@ def test_breakpoints_are_population_quintiles_and_need_enough_customers():
     assert rfm.compute_breakpoints(rows[:99], version=5, now=T0, min_customers=100) is None
 
 
+def test_recency_cut_points_come_from_repeat_buyers_gaps_once_history_is_long_enough():
+    rows = [
+        rfm.PopulationRow(days_since_last=300 + i, purchase_days=2, currency="USD", net_spend=10.0, mean_gap_days=i)
+        for i in range(1, 101)
+    ]
+    grown = rfm.compute_breakpoints(rows, version=1, now=T0, history_days=400, min_history_days=180)
+    # Gaps of 1..100 days, not days since last purchase (300..400): "recent" is the shop's rhythm.
+    assert grown.recency_days == (20.8, 40.6, 60.4, 80.2)
+    young = rfm.compute_breakpoints(rows, version=1, now=T0, history_days=30, min_history_days=180)
+    assert young.recency_days == rfm.BOOTSTRAP.recency_days
+
+
 # -- lifecycle --------------------------------------------------------------------
 
 RULES = lifecycle.LifecycleRules()
