@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from services.runtime.kafka import TopicNotFound
 from services.stack.servers import Stack, StackError, StackSettings
@@ -333,6 +334,40 @@ def cmd_segments(args: argparse.Namespace) -> int:
     return 0
 
 
+def _date(value: str):
+    from datetime import date
+
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, not {value!r}") from None
+
+
+def cmd_churn(args: argparse.Namespace) -> int:
+    from services.churn import bgnbd
+    from services.churn.transactions import TransactionsError, read_purchases, summarise
+
+    try:
+        purchases = read_purchases(args.transactions, args.format)
+    except (OSError, TransactionsError) as exc:
+        print(f"crm churn: {exc}", file=sys.stderr)
+        return 2
+    customers = summarise(purchases, args.calibration_end)
+    if not customers:
+        print(f"crm churn: no customer bought on or before {args.calibration_end}", file=sys.stderr)
+        return 2
+    params = bgnbd.fit([c.x for c in customers], [c.t_x for c in customers], [c.T for c in customers])
+    if args.json:
+        print(json.dumps(params.as_dict()))
+    else:
+        print(
+            f"BG/NBD on {params.customers:,} customers (calibration to {args.calibration_end}, weeks): "
+            f"r={params.r:.4f} alpha={params.alpha:.4f} a={params.a:.4f} b={params.b:.4f} "
+            f"log-likelihood={params.log_likelihood:.2f}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crm", description="CRM event backbone")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -374,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segments", help="customers per RFM segment, lifecycle stage and value tier")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_segments)
+
+    p = sub.add_parser("churn", help="churn model tools on a transaction file")
+    churn = p.add_subparsers(dest="churn_command", required=True)
+    q = churn.add_parser("fit", help="fit BG/NBD (r, alpha, a, b) by maximum likelihood; time unit weeks")
+    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
+    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
+    q.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
+    q.add_argument("--json", action="store_true", help='print {"r","alpha","a","b","log_likelihood","customers"}')
+    q.set_defaults(func=cmd_churn)
 
     p = sub.add_parser("keys", help="print fresh keys and a token for the profile service")
     p.set_defaults(func=cmd_keys)
