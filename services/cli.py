@@ -298,7 +298,9 @@ def _get(path: str, params: dict | None = None):
     if r.status_code == 404:
         print(r.json().get("error", "not found"), file=sys.stderr)
         return None
-    r.raise_for_status()
+    if r.status_code != 200:
+        print(f"the profile service answered {r.status_code}: {r.text[:200]}", file=sys.stderr)
+        return None
     return r.json()
 
 

@@ -73,7 +73,7 @@ def new_state() -> dict[str, Any]:
         "profile": {"locale": "en", "timezone": "UTC", "preferred_channel": "email"},
         "consent": {},
         "consent_history": [],
-        "purchases": {"first": None, "last": None, "orders": 0, "refunded_orders": 0, "days": 0, "recent_days": []},
+        "purchases": {"first": None, "last": None, "orders": 0, "days": 0, "recent_days": []},
         "spend": {},
         "categories": {},
         "orders": {},
@@ -88,6 +88,10 @@ def new_state() -> dict[str, Any]:
         "recent": [],
         "erased_at": None,
     }
+
+
+def _new_spend() -> dict[str, Any]:
+    return {"gross": "0", "refunded": "0", "orders": 0, "refunded_orders": 0}
 
 
 # -- reading the state -------------------------------------------------------
@@ -291,7 +295,7 @@ class ProfileDomain:
         if day not in p["recent_days"]:
             p["days"] += 1
             p["recent_days"] = sorted([*p["recent_days"], day])[-400:]
-        spend = st["spend"].setdefault(d.currency, {"gross": "0", "refunded": "0", "orders": 0})
+        spend = st["spend"].setdefault(d.currency, _new_spend())
         spend["gross"] = str(Decimal(spend["gross"]) + d.total)
         spend["orders"] += 1
         by_cat: dict[str, Decimal] = {}
@@ -339,8 +343,9 @@ class ProfileDomain:
             was_open = Decimal(order["r"]) < total
             order["r"] = str(Decimal(order["r"]) + amount)
             if was_open and Decimal(order["r"]) >= total:
-                st["purchases"]["refunded_orders"] += 1
-        spend = st["spend"].setdefault(d.currency, {"gross": "0", "refunded": "0", "orders": 0})
+                of_order = st["spend"][order["c"]]
+                of_order["refunded_orders"] = of_order.get("refunded_orders", 0) + 1
+        spend = st["spend"].setdefault(d.currency, _new_spend())
         spend["refunded"] = str(Decimal(spend["refunded"]) + amount)
         self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id}: {amount} {d.currency}")
 

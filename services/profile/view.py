@@ -13,7 +13,7 @@ def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules:
     p = state["purchases"]
     spend = {}
     for cur, s in state["spend"].items():
-        orders_net = max(s["orders"] - p.get("refunded_orders", 0), 0) if len(state["spend"]) == 1 else s["orders"]
+        orders_net = max(s["orders"] - s.get("refunded_orders", 0), 0)
         net = net_spend(state, cur)
         spend[cur] = {
             "total": s["gross"],
@@ -37,7 +37,7 @@ def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules:
             "first": p["first"],
             "last": p["last"],
             "orders": p["orders"],
-            "fully_refunded_orders": p.get("refunded_orders", 0),
+            "fully_refunded_orders": sum(s.get("refunded_orders", 0) for s in state["spend"].values()),
             "purchase_days": p["days"],
             "days_since_last": round(since, 1) if since is not None else None,
             "cadence_days": round(cadence(state, rules), 1) if p["days"] >= 2 else None,

@@ -79,12 +79,15 @@ class PipelineMetrics:
         )
         self.up = Gauge("crm_service_ready", "1 when the service is ready", ["service"], registry=registry)
 
-    def observe_sweep(self, service: str, result, visited: int) -> None:
-        self.swept.labels(service).inc(visited)
+    def _observe_output(self, service: str, result) -> None:
         for ev in result.derived:
             self.published.labels(service, ev.TOPIC, ev.type).inc()
         if result.docs_written:
             self.store_writes.labels(service).inc(result.docs_written)
+
+    def observe_sweep(self, service: str, result, visited: int) -> None:
+        self.swept.labels(service).inc(visited)
+        self._observe_output(service, result)
 
     def observe_batch(self, service: str, result, records, seconds: float) -> None:
         self.batch_seconds.labels(service).observe(seconds)
@@ -95,9 +98,6 @@ class PipelineMetrics:
             self.consumed.labels(service, topic, etype).inc(n)
         for dl in result.dead_letters:
             self.dead_letters.labels(service, dl.record.topic).inc()
-        for ev in result.derived:
-            self.published.labels(service, ev.TOPIC, ev.type).inc()
         if result.newest_event_time is not None:
             self.last_event_time.labels(service).set(result.newest_event_time.timestamp())
-        if result.docs_written:
-            self.store_writes.labels(service).inc(result.docs_written)
+        self._observe_output(service, result)

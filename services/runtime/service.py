@@ -149,7 +149,7 @@ class ServiceHost:
         so the first topic decides for all.
         """
         consumer = self.subscriber.consumer
-        parts = consumer._client.cluster.partitions_for_topic(self._home_topic)
+        parts = consumer.partitions_for_topic(self._home_topic)
         if not parts:
             return False
         ordered = sorted(parts)

@@ -21,22 +21,18 @@ def purchase(
     event_id: str | None = None,
     occurred_at: str | None = None,
 ) -> dict:
-    return {
-        "event_id": event_id or str(uuid.uuid4()),
-        "type": "PurchaseCompleted",
-        "schema_version": 1,
-        "occurred_at": occurred_at or datetime.now(UTC).isoformat(),
-        "producer": "test-shop",
-        "customer_id": customer_id,
-        "data": {
-            "order_id": order_id or f"o-{uuid.uuid4().hex[:8]}",
-            "store_id": "s-1",
-            "channel": "online",
-            "currency": "USD",
-            "total": total,
-            "lines": [{"sku": "cd-1", "category": "rock", "quantity": 1, "unit_price": total}],
-        },
+    data = {
+        "order_id": order_id or f"o-{uuid.uuid4().hex[:8]}",
+        "store_id": "s-1",
+        "channel": "online",
+        "currency": "USD",
+        "total": total,
+        "lines": [{"sku": "cd-1", "category": "rock", "quantity": 1, "unit_price": total}],
     }
+    event = shop_event("PurchaseCompleted", customer_id, data, occurred_at=occurred_at)
+    if event_id:
+        event["event_id"] = event_id
+    return event
 
 
 def encode(event: dict) -> bytes:

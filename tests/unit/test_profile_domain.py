@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -258,12 +259,12 @@ def test_refunds_are_netted_proportionally_and_never_exceed_the_order():
     assert net_spend(state, "USD") == Decimal("20.00")
     assert Decimal(state["categories"]["rock"]["s"]["USD"]) == Decimal("15.00")
     assert Decimal(state["categories"]["jazz"]["s"]["USD"]) == Decimal("5.00")
-    assert state["purchases"]["refunded_orders"] == 0
+    assert state["spend"]["USD"]["refunded_orders"] == 0
     state, _ = d.apply(state, refund(amount="20.00"), T0)  # same refund id again: ignored
     assert net_spend(state, "USD") == Decimal("20.00")
     state, _ = d.apply(state, refund(amount="500.00", refund_id="r2"), T0)  # capped at what is left
     assert net_spend(state, "USD") == Decimal("0")
-    assert state["purchases"]["refunded_orders"] == 1
+    assert state["spend"]["USD"]["refunded_orders"] == 1
 
 
 def test_care_moments_and_no_resend_for_the_same_order():
@@ -333,8 +334,6 @@ def test_erasure_drops_personal_data_keeps_aggregates_and_is_announced():
 def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle():
     d = ProfileDomain()
     state, _ = run(d, [reg(), buy()])
-    import copy
-
     frozen = copy.deepcopy(state)
     d.apply(state, buy("o2"), T0)
     assert state == frozen
