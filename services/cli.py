@@ -346,18 +346,26 @@ def _date(value: str):
 
 
 def cmd_churn(args: argparse.Namespace) -> int:
-    from services.churn import bgnbd
-    from services.churn.transactions import TransactionsError, read_purchases, summarise
+    from services.churn.backtest import BacktestError
+    from services.churn.transactions import TransactionsError, read_purchases
 
     try:
         purchases = read_purchases(args.transactions, args.format)
-    except (OSError, TransactionsError) as exc:
+        if not any(p.day <= args.calibration_end for p in purchases):
+            raise BacktestError(f"no customer bought on or before {args.calibration_end}")
+        return {"fit": _churn_fit, "score": _churn_score, "backtest": _churn_backtest}[args.churn_command](
+            args, purchases
+        )
+    except (OSError, TransactionsError, BacktestError) as exc:
         print(f"crm churn: {exc}", file=sys.stderr)
         return 2
+
+
+def _churn_fit(args: argparse.Namespace, purchases) -> int:
+    from services.churn import bgnbd
+    from services.churn.transactions import summarise
+
     customers = summarise(purchases, args.calibration_end)
-    if not customers:
-        print(f"crm churn: no customer bought on or before {args.calibration_end}", file=sys.stderr)
-        return 2
     params = bgnbd.fit([c.x for c in customers], [c.t_x for c in customers], [c.T for c in customers])
     if args.json:
         print(json.dumps(params.as_dict()))
@@ -367,6 +375,50 @@ def cmd_churn(args: argparse.Namespace) -> int:
             f"r={params.r:.4f} alpha={params.alpha:.4f} a={params.a:.4f} b={params.b:.4f} "
             f"log-likelihood={params.log_likelihood:.2f}"
         )
+    return 0
+
+
+def _churn_score(args: argparse.Namespace, purchases) -> int:
+    from collections import Counter
+
+    from services.churn.assess import BANDS
+    from services.churn.backtest import score_file, write_scores
+    from services.churn.settings import ChurnSettings
+
+    print("fitting the risk model on the calibration period...", file=sys.stderr)
+    model, scored = score_file(purchases, args.calibration_end, ChurnSettings().band_rules())
+    write_scores(args.out, model, scored)
+    bands = Counter(s.assessment.band for s in scored)
+    print(
+        f"wrote {len(scored):,} scores to {args.out} (model fitted on {model.fitted_on}; "
+        + ", ".join(f"{b} {bands.get(b, 0):,}" for b in BANDS)
+        + ")"
+    )
+    return 0
+
+
+def _churn_backtest(args: argparse.Namespace, purchases) -> int:
+    from services.churn.backtest import backtest
+    from services.churn.settings import ChurnSettings
+
+    print("fitting on the calibration period and scoring the holdout...", file=sys.stderr)
+    r = backtest(purchases, args.calibration_end, args.observation_end, ChurnSettings().band_rules())
+    if args.json:
+        print(json.dumps(r.as_dict()))
+        return 0
+    print(
+        f"calibration to {r.calibration_end}, holdout to {r.observation_end}: {r.customers:,} customers, "
+        f"{r.churned:,} ({r.churned / r.customers:.1%}) without a repeat purchase in the holdout"
+    )
+    print(f"precision and recall: each method flags its top {r.flagged:,} (the risk score's high and lost bands)")
+    print(f"{'method':28} {'AUC':>7} {'precision':>10} {'recall':>8}")
+    for m in r.methods:
+        mark = "  <- best BG/NBD quantity" if m.name == r.best_bgnbd else ""
+        print(f"{m.name:28} {m.auc:7.4f} {m.precision:10.3f} {m.recall:8.3f}{mark}")
+    print(f"holdout purchase days: predicted {r.predicted_purchases:,.0f} (BG/NBD), actual {r.actual_purchases:,}")
+    print(f"{'calibration repeats':>20} {'customers':>10} {'predicted':>10} {'actual':>8}")
+    for row in r.by_frequency:
+        print(f"{row['x']:>20} {row['customers']:>10,} {row['predicted']:>10.2f} {row['actual']:>8.2f}")
     return 0
 
 
@@ -419,6 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
     q.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
     q.add_argument("--json", action="store_true", help='print {"r","alpha","a","b","log_likelihood","customers"}')
+    q.set_defaults(func=cmd_churn)
+    q = churn.add_parser("score", help="score every customer at the calibration end and write a CSV")
+    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
+    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
+    q.add_argument("--calibration-end", type=_date, required=True, help="the day to score at")
+    q.add_argument("--out", type=Path, required=True, help="the CSV to write")
+    q.set_defaults(func=cmd_churn)
+    q = churn.add_parser("backtest", help="risk score vs recency vs BG/NBD on a holdout period")
+    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
+    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
+    q.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
+    q.add_argument("--observation-end", type=_date, required=True, help="last day of the holdout period")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(func=cmd_churn)
 
     p = sub.add_parser("keys", help="print fresh keys and a token for the profile service")

@@ -126,3 +126,14 @@ def _hyp2f1_series_fallback(a: float, b: float, c: float, z: float) -> float:
         if abs(term) < 1e-14 * abs(total):
             break
     return (1 - z) ** (-b) * total
+
+
+def p_no_purchase(p: BgNbdParams, t: float, x: float, t_x: float, T: float) -> float:
+    """P(no purchase in the next `t` | x, t_x, T): dropped out, or alive and silent.
+
+    Given alive, the purchase rate's posterior is Gamma(r + x, alpha + T), so the
+    chance of no purchase in t is ((alpha + T) / (alpha + T + t))^(r + x).
+    """
+    alive = p_alive(p, x, t_x, T)
+    silent = math.exp((p.r + x) * (math.log(p.alpha + T) - math.log(p.alpha + T + t)))
+    return float((1 - alive) + alive * silent)

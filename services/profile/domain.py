@@ -225,7 +225,7 @@ class ProfileDomain:
             return state, []
         return st, out
 
-    def due(self, state: dict[str, Any]) -> datetime | None:
+    def due(self, state: dict[str, Any], now: datetime | None = None) -> datetime | None:
         """The earliest of: follow-up, birthday greeting, and the next recency threshold (from the
         current breakpoints, so it is computed here rather than stored)."""
         times = [datetime.fromisoformat(v) for v in (state.get("due") or {}).values() if v]

@@ -38,7 +38,8 @@ class Domain(Protocol):
     Optional members, used when present:
       tick(state, customer_id, now) -> (state, derived)  time-driven change; return the same
                                                          state object when nothing changed
-      due(state) -> datetime | None                      when tick next has something to do
+      due(state, now) -> datetime | None                 when tick next has something to do, given
+                                                         that it has nothing to do before `now`
       ERASING: tuple[type[Event], ...]                   events after which the published outbox
                                                          is cleared from the store at once
     """
@@ -178,7 +179,7 @@ class Pipeline:
                 continue
             finally:
                 customer_id_var.reset(token_c)
-            due = self._due(state) if self._due else None
+            due = self._due(state, now) if self._due else None
             if state is doc.state and not derived:
                 # Only the due time moved (e.g. new scoring rules): the schedule in memory
                 # is enough; the stored value is refreshed by the next real write.
@@ -209,8 +210,9 @@ class Pipeline:
                 continue
             self.clock.observe(event.occurred_at, (rec.topic, rec.partition))
             token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
+            now = self.clock.now()
             try:
-                state, derived = self.domain.apply(doc.state, event, self.clock.now())
+                state, derived = self.domain.apply(doc.state, event, now)
             except Exception as exc:
                 log.exception("processing %s failed", event.type)
                 result.dead_letters.append(
@@ -222,7 +224,7 @@ class Pipeline:
                 customer_id_var.reset(token_c)
             doc.state = state
             if self._due is not None:
-                doc.due = self._due(state) if state is not None else None
+                doc.due = self._due(state, now) if state is not None else None
             if self._erasing and isinstance(event, self._erasing):
                 result.erased.add(doc.customer_id)
             doc.remember(eid, self.dedup_window)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import uuid
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 
@@ -21,8 +20,6 @@ from contracts.shop import (
     CustomerRegisteredData,
     InteractionRecorded,
     InteractionRecordedData,
-    PurchaseCompleted,
-    PurchaseCompletedData,
     PurchaseLine,
     PurchaseRefunded,
     PurchaseRefundedData,
@@ -30,26 +27,13 @@ from contracts.shop import (
 from services.profile import lifecycle, rfm
 from services.profile.domain import ProfileDomain, net_spend, top_categories
 from services.profile.moments import birthday_in, greeting_time, next_greeting
-
-T0 = datetime(1997, 1, 10, 12, tzinfo=UTC)
-
-
-def _ev(cls, data, at=T0, cid="c1"):
-    return cls(event_id=uuid.uuid4(), occurred_at=at, producer="t", customer_id=cid, data=data)
+from tests.support.events import T0, buy
+from tests.support.events import ev as _ev
 
 
 def reg(at=T0, **kw):
     fields = {"name": "Ann", "email": "ann@example.com", "timezone": "UTC", "consents": Consents(email=True), **kw}
     return _ev(CustomerRegistered, CustomerRegisteredData(**fields), at)
-
-
-def buy(order="o1", total="30.00", at=T0, lines=None):
-    lines = lines or [PurchaseLine(sku="a", category="rock", quantity=1, unit_price=total)]
-    return _ev(
-        PurchaseCompleted,
-        PurchaseCompletedData(order_id=order, store_id="s", channel="online", currency="USD", total=total, lines=lines),
-        at,
-    )
 
 
 def refund(order="o1", amount="10.00", refund_id="r1", at=T0):

@@ -1,0 +1,329 @@
+"""Churn as a pure function: state + event (or the passing of time) -> new state + derived events.
+
+The state keeps a bounded history (purchase days with spend, interaction days,
+complaints, low survey scores), the last assessment, and where the customer
+stands on the retention ladder. The risk model is a value held by the domain
+object and swapped by the service when a refit is adopted.
+
+Risk rises with time alone, so `due` looks ahead: it finds the first day on
+which the band would change if nothing happened (probing forward, then
+bisecting), and the day the next ladder step is due; the sweep ticks the
+customer then. Between checks nothing is computed or written.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+from contracts import Event, derive, scheduled
+from contracts.crm import (
+    ChurnRiskChanged,
+    ChurnRiskChangedData,
+    CustomerErased,
+    CustomerWonBack,
+    CustomerWonBackData,
+    ProfileUpdated,
+    RetentionRequested,
+    RetentionRequestedData,
+    RetentionTaskCreated,
+    RetentionTaskCreatedData,
+    TierChanged,
+)
+from contracts.shop import CustomerErasureRequested, InteractionRecorded, PurchaseCompleted
+from services.churn.assess import AT_RISK, Assessment, Assessor, BandRules, assess
+from services.churn.model import RiskModel
+from services.churn.signals import ISSUE_DAYS, History
+
+PRODUCER = "churn"
+LOW_SCORE = 2  # survey scores at or below this count as dissatisfaction (1-5 scale)
+PROBE_DAYS = (1, 2, 4, 8, 16, 32, 60)  # how far ahead `due` looks for a band change; 60 days at most
+
+
+@dataclass(frozen=True)
+class LadderRules:
+    offer_after_days: float = 14.0
+    task_after_days: float = 7.0
+    offer_percent: dict[str, int] = field(default_factory=lambda: {"vip": 20, "high": 15, "medium": 10, "low": 5})
+    offer_tier_bonus: dict[str, int] = field(default_factory=lambda: {"Platinum": 5, "Gold": 3, "Silver": 1})
+    offer_valid_days: int = 30
+    history_days: int = 400
+
+
+def _clone(state: dict[str, Any]) -> dict[str, Any]:
+    return pickle.loads(pickle.dumps(state, pickle.HIGHEST_PROTOCOL))
+
+
+def new_state() -> dict[str, Any]:
+    return {
+        "first": None,
+        "purchase_days": 0,
+        "spend": {},
+        "touches": {},
+        "complaints": [],
+        "low_scores": [],
+        "value_tier": None,
+        "loyalty_tier": None,
+        "top_categories": [],
+        "erased": False,
+        "risk": None,  # {"score", "band", "since", "reasons", "p_alive", "expected_purchases_90d", "on"}
+        "ladder": {"step": 0, "episode": 0, "at_risk_since": None, "step_at": None},
+    }
+
+
+def history(st: dict[str, Any]) -> History:
+    return History(
+        first=date.fromisoformat(st["first"]) if st["first"] else None,
+        purchase_days=st["purchase_days"],
+        spend={date.fromisoformat(d): v for d, v in st["spend"].items()},
+        touches={date.fromisoformat(d): n for d, n in st["touches"].items()},
+        complaints=tuple(date.fromisoformat(d) for d in st["complaints"]),
+        low_scores=tuple(date.fromisoformat(d) for d in st["low_scores"]),
+    )
+
+
+def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
+    """Keep `keep_days` of history, and the newest older purchase day (recency at an earlier split needs it)."""
+    cutoff = (today - timedelta(days=keep_days)).isoformat()
+    old = sorted(d for d in st["spend"] if d < cutoff)
+    for d in old[:-1]:
+        del st["spend"][d]
+    st["touches"] = {d: n for d, n in st["touches"].items() if d >= cutoff}
+    issue_cutoff = (today - timedelta(days=ISSUE_DAYS)).isoformat()
+    st["complaints"] = [d for d in st["complaints"] if d >= issue_cutoff]
+    st["low_scores"] = [d for d in st["low_scores"] if d >= issue_cutoff]
+
+
+def _day(t: datetime) -> date:
+    return t.astimezone(UTC).date()
+
+
+class ChurnDomain:
+    ERASING = (CustomerErasureRequested, CustomerErased)
+
+    def __init__(self, model: RiskModel, bands: BandRules | None = None, ladder: LadderRules | None = None):
+        self.model = model
+        self.bands = bands or BandRules()
+        self.ladder = ladder or LadderRules()
+
+    # --- events -------------------------------------------------------------------------------
+
+    def apply(self, state: dict[str, Any] | None, event: Event, now: datetime):
+        if isinstance(event, PurchaseCompleted):
+            return self._purchase(state, event, now)
+        if isinstance(event, InteractionRecorded):
+            return self._interaction(state, event, now)
+        if isinstance(event, ProfileUpdated):
+            st = _clone(state) if state else new_state()
+            st["value_tier"] = event.data.value_tier
+            st["top_categories"] = list(event.data.top_categories)
+            return st, []
+        if isinstance(event, TierChanged):
+            st = _clone(state) if state else new_state()
+            st["loyalty_tier"] = event.data.to_tier
+            return st, []
+        if isinstance(event, self.ERASING):
+            st = _clone(state) if state else new_state()
+            # No personal data is kept here; what is left is pseudonymous behaviour. An erased
+            # customer is never contacted again, so the ladder stops for good.
+            st["erased"] = True
+            st["top_categories"] = []
+            st["ladder"]["step"] = 0
+            return st, []
+        return state, []
+
+    def _purchase(self, state, event: PurchaseCompleted, now: datetime):
+        st = _clone(state) if state else new_state()
+        day = _day(event.occurred_at)
+        key = day.isoformat()
+        if key not in st["spend"]:
+            st["purchase_days"] += 1
+        st["spend"][key] = st["spend"].get(key, 0.0) + float(event.data.total)
+        if st["first"] is None or key < st["first"]:
+            st["first"] = key
+        derived: list[Event] = []
+        ladder = st["ladder"]
+        if ladder["step"] > 0 and not st["erased"]:
+            since = datetime.fromisoformat(ladder["at_risk_since"])
+            derived.append(
+                derive(
+                    CustomerWonBack,
+                    event,
+                    CustomerWonBackData(
+                        ladder_step=ladder["step"],
+                        days_at_risk=max((event.occurred_at - since).total_seconds() / 86400, 0.0),
+                        order_id=event.data.order_id,
+                    ),
+                    producer=PRODUCER,
+                )
+            )
+            ladder.update(step=0, at_risk_since=None, step_at=None)
+        _trim(st, max(day, _day(now)), self.ladder.history_days)
+        derived += self._reassess(st, event.customer_id, now, cause=event)
+        return st, derived
+
+    def _interaction(self, state, event: InteractionRecorded, now: datetime):
+        st = _clone(state) if state else new_state()
+        key = _day(event.occurred_at).isoformat()
+        st["touches"][key] = st["touches"].get(key, 0) + 1
+        if event.data.kind == "complaint" and event.data.ticket_status != "resolved":
+            st["complaints"].append(key)
+        if event.data.score is not None and event.data.score <= LOW_SCORE:
+            st["low_scores"].append(key)
+        _trim(st, _day(now), self.ladder.history_days)
+        return st, self._reassess(st, event.customer_id, now, cause=event)
+
+    # --- time ---------------------------------------------------------------------------------
+
+    def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
+        if state.get("first") is None:
+            return state, []
+        a = self._assessment(state, now)
+        if not self._changes(state, a, now):
+            return state, []
+        st = _clone(state)
+        return st, self._reassess(st, customer_id, now, cause=None, assessment=a)
+
+    def due(self, state: dict[str, Any], now: datetime | None = None) -> datetime | None:
+        if state.get("first") is None or state["risk"] is None:
+            return None
+        start = max(date.fromisoformat(state["risk"]["on"]), _day(now) if now else date.min)
+        times = [self._next_band_change(state, start)]
+        step_due = self._next_step_due(state)
+        if step_due is not None:
+            times.append(max(step_due, now) if now else step_due)
+        return min(t for t in times if t is not None)
+
+    # --- the assessment and the ladder ---------------------------------------------------------
+
+    def _assessment(self, st: dict[str, Any], now: datetime) -> Assessment:
+        previous = st["risk"]["band"] if st["risk"] else None
+        return assess(self.model, history(st), _day(now), previous, self.bands)
+
+    def _changes(self, st: dict[str, Any], a: Assessment, now: datetime) -> bool:
+        if st["risk"] is None or a.band != st["risk"]["band"]:
+            return True
+        due = self._next_step_due(st)
+        return due is not None and due <= now and a.band in AT_RISK
+
+    def _reassess(
+        self, st: dict[str, Any], cid: str, now: datetime, *, cause: Event | None, assessment: Assessment | None = None
+    ) -> list[Event]:
+        """Record the current assessment in `st` (a copy) and return what it leads to."""
+        if st["first"] is None:
+            return []
+        a = assessment or self._assessment(st, now)
+        previous = st["risk"]["band"] if st["risk"] else None
+        derived: list[Event] = []
+        stamp = now.isoformat()
+        if a.band != previous:
+            if previous is not None or a.band != "low":
+                data = ChurnRiskChangedData(
+                    from_band=previous,
+                    to_band=a.band,
+                    risk_score=round(a.score, 4),
+                    p_alive=round(a.signals.p_alive, 4),
+                    reasons=a.reasons,
+                )
+                changes = (st["risk"] or {}).get("changes", 0) + 1
+                derived.append(self._event(ChurnRiskChanged, cid, data, now, cause, f"band/{changes}"))
+            since, changes = stamp, (st["risk"] or {}).get("changes", 0) + 1
+        else:
+            since, changes = st["risk"]["since"], st["risk"].get("changes", 0)
+        st["risk"] = {
+            "score": round(a.score, 4),
+            "band": a.band,
+            "since": since,
+            "reasons": a.reasons,
+            "p_alive": round(a.signals.p_alive, 4),
+            "expected_purchases_90d": round(a.signals.expected_purchases, 4),
+            "on": _day(now).isoformat(),
+            "changes": changes,  # band transitions so far: makes time-caused event ids unique
+        }
+        derived += self._climb(st, cid, a, now, cause)
+        return derived
+
+    def _climb(self, st: dict[str, Any], cid: str, a: Assessment, now: datetime, cause: Event | None) -> list[Event]:
+        ladder = st["ladder"]
+        if st["erased"] or a.band not in AT_RISK:
+            return []
+        derived: list[Event] = []
+        if ladder["step"] == 0:
+            ladder.update(step=1, episode=ladder["episode"] + 1, at_risk_since=now.isoformat(), step_at=now.isoformat())
+            derived.append(self._retention(st, cid, a, now, cause, kind="care"))
+        elif (due := self._next_step_due(st)) is not None and due <= now:
+            ladder.update(step=ladder["step"] + 1, step_at=now.isoformat())
+            if ladder["step"] == 2:
+                derived.append(self._retention(st, cid, a, now, cause, kind="offer"))
+            else:
+                data = RetentionTaskCreatedData(risk_score=round(a.score, 4), value_tier="vip", reasons=a.reasons)
+                derived.append(self._event(RetentionTaskCreated, cid, data, now, cause, self._occasion(st)))
+        return derived
+
+    def _next_step_due(self, st: dict[str, Any]) -> datetime | None:
+        ladder = st["ladder"]
+        if st["erased"] or ladder["step"] == 0 or ladder["step_at"] is None:
+            return None
+        if st["risk"] is None or st["risk"]["band"] not in AT_RISK:
+            return None  # the ladder waits while the customer is not at risk
+        step_at = datetime.fromisoformat(ladder["step_at"])
+        if ladder["step"] == 1:
+            return step_at + timedelta(days=self.ladder.offer_after_days)
+        if ladder["step"] == 2 and st["value_tier"] == "vip":
+            return step_at + timedelta(days=self.ladder.task_after_days)
+        return None
+
+    def _retention(self, st, cid: str, a: Assessment, now: datetime, cause, *, kind: str) -> Event:
+        template: dict[str, Any] = {"top_categories": st["top_categories"], "recommendations": st["top_categories"]}
+        if kind == "offer":
+            percent = self.ladder.offer_percent.get(st["value_tier"] or "low", 0)
+            percent += self.ladder.offer_tier_bonus.get(st["loyalty_tier"] or "", 0)
+            template |= {
+                "offer_percent": min(percent, 100),
+                "offer_valid_until": (_day(now) + timedelta(days=self.ladder.offer_valid_days)).isoformat(),
+                "loyalty_tier": st["loyalty_tier"],
+            }
+        data = RetentionRequestedData(
+            step=st["ladder"]["step"],
+            kind=kind,
+            band=a.band,
+            value_tier=st["value_tier"],
+            reasons=a.reasons,
+            template_data=template,
+        )
+        return self._event(RetentionRequested, cid, data, now, cause, self._occasion(st))
+
+    @staticmethod
+    def _occasion(st) -> str:
+        return f"retention/{st['ladder']['episode']}/{st['ladder']['step']}"
+
+    @staticmethod
+    def _event(cls, cid: str, data, now: datetime, cause: Event | None, occasion: str) -> Event:
+        if cause is not None:
+            return derive(cls, cause, data, producer=PRODUCER, discriminator=occasion, occurred_at=now)
+        return scheduled(cls, cid, data, producer=PRODUCER, occasion=occasion, occurred_at=now)
+
+    def _next_band_change(self, st: dict[str, Any], start: date) -> datetime | None:
+        """The first day after `start` on which the band would differ if nothing happened (at most 60 days on)."""
+        band = st["risk"]["band"]
+        assessor = Assessor(self.model, history(st), self.bands)
+
+        def differs(days: int) -> bool:
+            return assessor.band(start + timedelta(days=days), band) != band
+
+        lo = 0
+        for hi in PROBE_DAYS:
+            if differs(hi):
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    lo, hi = (lo, mid) if differs(mid) else (mid, hi)
+                return _midnight(start + timedelta(days=hi))
+            lo = hi
+        # Nothing within the horizon: look again then (a refit or the windows may change things).
+        return _midnight(start + timedelta(days=PROBE_DAYS[-1]))
+
+
+def _midnight(d: date) -> datetime:
+    return datetime.combine(d, time(0), tzinfo=UTC)
