@@ -109,6 +109,9 @@ class ChurnDomain:
         self.ladder = ladder or LadderRules()
 
     # --- events -------------------------------------------------------------------------------
+    # An event is assessed at its own time: during a replay the clock may already be past it
+    # (another partition ran ahead), and "now" would judge old purchases by a later day. A
+    # later check, if one is due, follows from `due(state, now)`.
 
     def apply(self, state: dict[str, Any] | None, event: Event, now: datetime):
         if isinstance(event, PurchaseCompleted):
@@ -161,7 +164,7 @@ class ChurnDomain:
             )
             ladder.update(step=0, at_risk_since=None, step_at=None)
         _trim(st, max(day, _day(now)), self.ladder.history_days)
-        derived += self._reassess(st, event.customer_id, now, cause=event)
+        derived += self._reassess(st, event.customer_id, event.occurred_at, cause=event)
         return st, derived
 
     def _interaction(self, state, event: InteractionRecorded, now: datetime):
@@ -172,8 +175,8 @@ class ChurnDomain:
             st["complaints"].append(key)
         if event.data.score is not None and event.data.score <= LOW_SCORE:
             st["low_scores"].append(key)
-        _trim(st, _day(now), self.ladder.history_days)
-        return st, self._reassess(st, event.customer_id, now, cause=event)
+        _trim(st, max(_day(event.occurred_at), _day(now)), self.ladder.history_days)
+        return st, self._reassess(st, event.customer_id, event.occurred_at, cause=event)
 
     # --- time ---------------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ def bgnbd_inputs(h: History, today: date) -> tuple[int, float, float]:
 def compute(h: History, today: date, params: bgnbd.BgNbdParams, typical_gap_days: float) -> Signals:
     if h.first is None or h.last is None:
         raise ValueError("no purchase yet: churn signals start with the first purchase")
+    today = max(today, h.last)  # an event older than the newest purchase (out of order) is judged at the latter
     x, t_x, T = bgnbd_inputs(h, today)
     cadence = (h.last - h.first).days / x if x else None
 

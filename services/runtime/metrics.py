@@ -8,6 +8,7 @@ at scrape time from the consumer's positions and high-water marks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -78,10 +79,14 @@ class PipelineMetrics:
             registry=registry,
         )
         self.up = Gauge("crm_service_ready", "1 when the service is ready", ["service"], registry=registry)
+        # Service-specific metrics derived from what a service publishes (e.g. win-backs per ladder step).
+        self.on_derived: list[Callable[[Any], None]] = []
 
     def _observe_output(self, service: str, result) -> None:
         for ev in result.derived:
             self.published.labels(service, ev.TOPIC, ev.type).inc()
+            for listener in self.on_derived:
+                listener(ev)
         if result.docs_written:
             self.store_writes.labels(service).inc(result.docs_written)
 

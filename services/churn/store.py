@@ -1,0 +1,63 @@
+"""The churn service's collections: customers (state documents) and risk_models (every fit, by version)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from services.churn.domain import history, new_state
+from services.churn.model import RiskModel
+from services.churn.signals import History
+from services.runtime.statestore import Codec, StateStore
+
+HISTORY_FIELDS = ("first", "purchase_days", "spend", "touches", "complaints", "low_scores")
+
+
+class ChurnStore(StateStore):
+    def __init__(self, db: AsyncDatabase, codec: Codec | None = None):
+        super().__init__(db["customers"], codec=codec)
+        self.models = db["risk_models"]
+
+    async def read(self, customer_id: str) -> dict[str, Any] | None:
+        d = await self.collection.find_one({"_id": customer_id}, {"s": 1})
+        return None if d is None or d.get("s") is None else self.codec.decode(d["s"])
+
+    async def histories(self) -> dict[str, History]:
+        """Every customer's kept history (one projection scan): what a refit learns from."""
+        out = {}
+        query = {"s.first": {"$ne": None}}
+        async for d in self.collection.find(query, {f"s.{f}": 1 for f in HISTORY_FIELDS}):
+            s = d.get("s") or {}
+            if s.get("first"):
+                out[d["_id"]] = history(new_state() | s)
+        return out
+
+    async def latest_model(self) -> RiskModel | None:
+        async for d in self.models.find().sort("_id", -1).limit(1):
+            return RiskModel.from_doc(d)
+        return None
+
+    async def model_history(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [d async for d in self.models.find({}, {"features": 0}).sort("_id", -1).limit(limit)]
+
+    async def insert_model(self, model: RiskModel) -> RiskModel:
+        """Store a new version; if another replica stored that version first, theirs wins."""
+        try:
+            await self.models.insert_one(model.to_doc())
+            return model
+        except DuplicateKeyError:
+            winner = await self.models.find_one({"_id": model.version})
+            return RiskModel.from_doc(winner) if winner else model
+
+    async def counts(self) -> dict[str, dict[str, int]]:
+        """Customers per risk band and per retention ladder step (one projection scan)."""
+        out: dict[str, dict[str, int]] = {"bands": {}, "ladder_steps": {}}
+        async for d in self.collection.find({}, {"s.risk.band": 1, "s.ladder.step": 1}):
+            s = d.get("s") or {}
+            band = (s.get("risk") or {}).get("band") or "none"
+            step = str((s.get("ladder") or {}).get("step", 0))
+            out["bands"][band] = out["bands"].get(band, 0) + 1
+            out["ladder_steps"][step] = out["ladder_steps"].get(step, 0) + 1
+        return out

@@ -1,0 +1,257 @@
+"""The churn service's pure core: signals, bands with hysteresis, reasons, the ladder, time-driven checks."""
+
+from __future__ import annotations
+
+import copy
+import math
+from datetime import date, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from contracts.crm import ProfileUpdated, ProfileUpdatedData
+from contracts.shop import (
+    CustomerErasureRequested,
+    CustomerErasureRequestedData,
+    InteractionRecorded,
+    InteractionRecordedData,
+)
+from services.churn import bgnbd
+from services.churn.assess import BandRules, band_for
+from services.churn.bootstrap import bootstrap_model
+from services.churn.domain import ChurnDomain, history
+from services.churn.model import auc
+from services.churn.signals import History, compute
+from tests.support.events import T0, buy, ev
+
+MODEL = bootstrap_model()
+RULES = BandRules()
+
+
+def monthly(n: int = 8):
+    return [buy(order=f"o{i}", total="25.00", at=T0 + timedelta(days=30 * i)) for i in range(n)]
+
+
+def run(domain, events):
+    state, out = None, []
+    for e in events:
+        state, derived = domain.apply(state, e, e.occurred_at)
+        out.extend(derived)
+    return state, out
+
+
+def follow_the_clock(domain, state, start, days):
+    """Tick whenever `due` says so, as the service's sweep does, until `days` have passed."""
+    out, now, end = [], start, start + timedelta(days=days)
+    while True:
+        now = max(domain.due(state, now), now)
+        if now > end:
+            return state, out
+        state, derived = domain.tick(state, "c1", now)
+        out.extend((now, e) for e in derived)
+        now += timedelta(minutes=1)
+
+
+# -- signals and the model --------------------------------------------------------------------
+
+
+def test_signals_recency_cadence_and_windows():
+    h = History(
+        first=date(1997, 1, 1),
+        purchase_days=4,
+        spend={date(1997, 1, 1): 10.0, date(1997, 2, 1): 20.0, date(1997, 4, 1): 30.0, date(1997, 6, 1): 40.0},
+        complaints=(date(1997, 5, 1), date(1996, 6, 1)),
+    )
+    s = compute(h, date(1997, 7, 1), MODEL.params, 50.0)
+    assert s.recency_days == 30
+    assert s.cadence_days == pytest.approx(151 / 3)
+    assert s.repeat_purchases == 3
+    # Apr 1 is 91 days back: the recent window is the last 90 days, the previous one the 90 before.
+    assert (s.recent_purchases, s.previous_purchases) == (1, 2)
+    assert s.recent_spend == 40.0 and s.previous_spend == 50.0
+    assert s.complaints == 1  # the 1996 one is older than 180 days
+    assert 0 < s.p_alive < 1 and s.expected_purchases > 0
+
+
+def test_one_time_buyers_are_measured_against_the_typical_gap():
+    h = History(first=date(1997, 1, 1), purchase_days=1, spend={date(1997, 1, 1): 10.0})
+    s = compute(h, date(1997, 3, 2), MODEL.params, 40.0)
+    assert s.cadence_days is None and s.usual_gap_days == 40.0 and s.recency_ratio == pytest.approx(60 / 40)
+
+
+def test_as_of_forgets_what_came_later():
+    h = History(
+        first=date(1997, 1, 1),
+        purchase_days=3,
+        spend={date(1997, 1, 1): 1.0, date(1997, 3, 1): 2.0, date(1997, 5, 1): 3.0},
+    )
+    past = h.as_of(date(1997, 3, 31))
+    assert past.purchase_days == 2 and past.last == date(1997, 3, 1)
+    assert h.as_of(date(1996, 12, 31)).first is None
+
+
+@pytest.mark.parametrize(
+    "x,t_x,T", [(0, 0.0, 0.0), (0, 0.0, 1e-9), (300, 38.9, 39.0), (5000, 100.0, 100.0), (1, 0.0, 500.0)]
+)
+def test_bgnbd_quantities_stay_finite_in_the_hard_corners(x, t_x, T):
+    p = MODEL.params
+    for value in (
+        bgnbd.p_alive(p, x, t_x, T),
+        bgnbd.expected_purchases(p, 13, x, t_x, T),
+        bgnbd.p_no_purchase(p, 13, x, t_x, T),
+    ):
+        assert math.isfinite(value) and value >= 0
+    assert 0 <= bgnbd.p_no_purchase(p, 13, x, t_x, T) <= 1
+
+
+def test_auc_counts_ties_half_and_orders_correctly():
+    assert auc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+    assert auc([0.1, 0.2, 0.9], [1, 1, 0]) == 0.0
+    assert auc([0.5, 0.5], [1, 0]) == 0.5
+
+
+# -- bands ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rise,ratio,previous,band",
+    [
+        (0.0, 0.0, None, "low"),
+        (0.7, 0.5, None, "medium"),
+        (1.5, 0.5, None, "medium"),  # not overdue yet: never high
+        (1.5, 1.2, "medium", "high"),
+        (2.5, 3.0, "high", "lost"),
+        (0.9, 3.0, "high", "high"),  # within the hysteresis margin below high's entry (1.0)
+        (0.7, 3.0, "high", "medium"),
+        (0.3, 3.0, "high", "low"),
+        (0.45, 3.0, "medium", "medium"),
+    ],
+)
+def test_band_thresholds_and_hysteresis(rise, ratio, previous, band):
+    assert band_for(rise, ratio, previous, RULES) == band
+
+
+@given(st.lists(st.floats(0, 3), min_size=2, max_size=40))
+def test_bands_do_not_flap_on_small_wobbles(rises):
+    """A rise that wobbles by less than the hysteresis margin changes band at most once per direction."""
+    base = rises[0]
+    band, changes = None, 0
+    for r in rises:
+        wobble = base + (r % RULES.hysteresis) * 0.99 - RULES.hysteresis / 2
+        new = band_for(wobble, 5.0, band, RULES)
+        changes += band is not None and new != band
+        band = new
+    assert changes <= 1
+
+
+def test_band_rules_are_validated():
+    with pytest.raises(ValueError):
+        BandRules(medium=1.0, high=0.5)
+
+
+# -- the domain --------------------------------------------------------------------------------
+
+
+def test_purchases_keep_a_low_band_and_publish_nothing():
+    state, out = run(ChurnDomain(MODEL), monthly())
+    assert out == []
+    assert state["risk"]["band"] == "low" and state["purchase_days"] == 8
+
+
+def test_a_monthly_customer_who_stops_climbs_by_time_alone_one_step_each():
+    d = ChurnDomain(MODEL)
+    state, _ = run(
+        d, [ev(ProfileUpdated, ProfileUpdatedData(value_tier="vip", top_categories=["jazz"]), T0), *monthly()]
+    )
+    last = T0 + timedelta(days=210)
+    state, out = follow_the_clock(d, state, last, 400)
+    kinds = [(e.type, getattr(e.data, "to_band", None) or getattr(e.data, "step", None)) for _, e in out]
+    assert kinds == [
+        ("ChurnRiskChanged", "medium"),
+        ("ChurnRiskChanged", "high"),
+        ("RetentionRequested", 1),
+        ("RetentionRequested", 2),
+        ("RetentionTaskCreated", None),
+        ("ChurnRiskChanged", "lost"),
+    ]
+    when = {k: t for (t, e), k in zip(out, kinds, strict=True)}
+    assert when[("RetentionRequested", 2)] - when[("RetentionRequested", 1)] == timedelta(days=14)
+    high = next(e for _, e in out if getattr(e.data, "to_band", None) == "high")
+    assert any("usual gap of 30 days" in r for r in high.data.reasons)
+    assert len({e.event_id for _, e in out}) == len(out)
+
+
+def test_non_vip_customers_get_no_account_manager_task_and_smaller_offers():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, [ev(ProfileUpdated, ProfileUpdatedData(value_tier="medium"), T0), *monthly()])
+    _, out = follow_the_clock(d, state, T0 + timedelta(days=210), 200)
+    types = [e.type for _, e in out]
+    assert "RetentionTaskCreated" not in types
+    offer = next(e for _, e in out if e.type == "RetentionRequested" and e.data.kind == "offer")
+    assert offer.data.template_data["offer_percent"] == 10
+
+
+def test_a_purchase_after_the_ladder_started_is_a_win_back_once():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    state, _ = follow_the_clock(d, state, T0 + timedelta(days=210), 110)
+    assert state["ladder"]["step"] >= 1
+    back = buy(order="back", at=T0 + timedelta(days=330))
+    state2, out = d.apply(state, back, back.occurred_at)
+    won = [e for e in out if e.type == "CustomerWonBack"]
+    assert len(won) == 1 and won[0].data.ladder_step == state["ladder"]["step"] and won[0].data.order_id == "back"
+    assert state2["ladder"]["step"] == 0 and state2["risk"]["band"] in ("low", "medium")
+    # The same purchase delivered again is a different event only if its id differs; a second
+    # purchase afterwards is no win-back (the ladder is reset).
+    _, again = d.apply(state2, buy(order="next", at=back.occurred_at + timedelta(days=1)), back.occurred_at)
+    assert not [e for e in again if e.type == "CustomerWonBack"]
+
+
+def test_complaints_and_low_scores_raise_the_risk_with_their_reason():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly(3))
+    at = T0 + timedelta(days=61)
+    calm = d.model.score(d.model.signals(history(state), at.date()))
+    complaint = ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="phone", ticket_id="t1"), at)
+    survey = ev(InteractionRecorded, InteractionRecordedData(kind="survey", channel="web", score=1), at)
+    state2, _ = d.apply(state, complaint, at)
+    state3, _ = d.apply(state2, survey, at)
+    assert state3["risk"]["score"] > calm
+    assert state3["risk"]["band"] == "medium"  # not overdue: never high on complaints alone
+    assert any("complaint" in r for r in state3["risk"]["reasons"])
+    assert any("low survey score" in r for r in state3["risk"]["reasons"])
+
+
+def test_erased_customers_are_never_contacted_again():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    state, _ = d.apply(
+        state,
+        ev(
+            CustomerErasureRequested,
+            CustomerErasureRequestedData(request_id="r1", reason="customer request"),
+            T0 + timedelta(days=211),
+        ),
+        T0,
+    )
+    _, out = follow_the_clock(d, state, T0 + timedelta(days=211), 300)
+    assert not [e for _, e in out if e.type.startswith("Retention")]
+
+
+def test_the_domain_never_changes_its_input():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    frozen = copy.deepcopy(state)
+    d.apply(state, buy(order="x", at=T0 + timedelta(days=400)), T0 + timedelta(days=400))
+    d.tick(state, "c1", T0 + timedelta(days=400))
+    assert state == frozen
+
+
+def test_due_never_points_before_now_and_nothing_is_due_before_a_purchase():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    now = T0 + timedelta(days=1000)
+    assert d.due(state, now) >= now
+    fresh, _ = d.apply(None, ev(ProfileUpdated, ProfileUpdatedData(value_tier="low"), T0), T0)
+    assert d.due(fresh, T0) is None
