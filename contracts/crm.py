@@ -59,7 +59,7 @@ class ProfileUpdated(CrmEvent):
 
 
 class SegmentChangedData(CrmPayload):
-    from_segment: ShortText | None
+    from_segment: ShortText | None = None  # None: the first segment
     to_segment: ShortText
     recency_score: StrictInt = Field(ge=1, le=5)
     frequency_score: StrictInt = Field(ge=1, le=5)
@@ -75,7 +75,7 @@ class SegmentChanged(CrmEvent):
 
 
 class LifecycleStageChangedData(CrmPayload):
-    from_stage: LifecycleStage | None
+    from_stage: LifecycleStage | None = None  # None: the first stage
     to_stage: LifecycleStage
 
 
@@ -225,7 +225,7 @@ class PointsReversed(CrmEvent):
 
 
 class TierChangedData(CrmPayload):
-    from_tier: ShortText | None
+    from_tier: ShortText | None = None  # None: the first tier
     to_tier: ShortText
     reason: ShortText
     qualifying_spend: SignedMoney | None = None
@@ -256,7 +256,7 @@ class RedemptionRejected(CrmEvent):
 
 
 class ChurnRiskChangedData(CrmPayload):
-    from_band: RiskBand | None
+    from_band: RiskBand | None = None  # None: the first band
     to_band: RiskBand
     risk_score: float = Field(ge=0, le=1)
     p_alive: float | None = Field(None, ge=0, le=1)

@@ -203,6 +203,7 @@ class Pipeline:
         return result
 
     def _apply_customer(self, doc: CustomerDoc, items: list[tuple[Event, Record]], result: BatchResult) -> None:
+        changed_at = None  # the clock when the state last changed in this batch
         for event, rec in items:
             eid = str(event.event_id)
             if doc.has_seen(eid):
@@ -222,9 +223,9 @@ class Pipeline:
             finally:
                 event_id_var.reset(token_e)
                 customer_id_var.reset(token_c)
+            if state is not doc.state:
+                changed_at = now
             doc.state = state
-            if self._due is not None:
-                doc.due = self._due(state, now) if state is not None else None
             if self._erasing and isinstance(event, self._erasing):
                 result.erased.add(doc.customer_id)
             doc.remember(eid, self.dedup_window)
@@ -233,6 +234,9 @@ class Pipeline:
             result.derived.extend(derived)
             doc.dirty = True
             result.applied += 1
+        if self._due is not None and changed_at is not None:
+            # Once per customer and batch: only the final state's next due time matters.
+            doc.due = self._due(doc.state, changed_at) if doc.state is not None else None
 
     async def _publish(self, docs, dead_letters: list[DeadLetter]) -> int:
         messages: list[tuple[str, bytes | None, bytes | None, tuple]] = []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from typing import get_args
 
 import pytest
+from pydantic import BaseModel
 
-from contracts import InvalidMessage, derive, derived_id, registry_for
-from contracts.crm import CareRequested, CareRequestedData
+from contracts import EVENTS_BY_TOPIC, InvalidMessage, derive, derived_id, registry_for
+from contracts.crm import CareRequested, CareRequestedData, LifecycleStageChanged, LifecycleStageChangedData
 from contracts.generate import drift
 from contracts.shop import PurchaseCompleted
 
@@ -169,3 +171,37 @@ def test_derived_events_have_ids_that_depend_only_on_their_cause():
 
 def test_committed_asyncapi_and_json_schemas_match_the_models():
     assert drift() == [], "run `make contracts` and commit the result"
+
+
+def _models(model: type[BaseModel]):
+    yield model
+    for f in model.model_fields.values():
+        for arg in (f.annotation, *get_args(f.annotation)):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                yield from _models(arg)
+
+
+def test_every_nullable_field_has_a_default_so_what_is_published_parses_again():
+    """Events are written without null fields (exclude_none); a nullable field without a
+    default would make consumers dead-letter what the producer just published."""
+    missing = [
+        f"{m.__name__}.{name}"
+        for events in EVENTS_BY_TOPIC.values()
+        for event in events
+        for m in _models(event)
+        for name, f in m.model_fields.items()
+        if f.is_required() and type(None) in get_args(f.annotation)
+    ]
+    assert missing == []
+
+
+def test_a_first_lifecycle_stage_round_trips():
+    ev = LifecycleStageChanged(
+        event_id=uuid.uuid4(),
+        occurred_at="1997-01-01T00:00:00Z",
+        producer="profile",
+        customer_id="c1",
+        data=LifecycleStageChangedData(from_stage=None, to_stage="new"),
+    )
+    parsed = registry_for("crm.profile").parse(ev.to_bytes(), b"c1")
+    assert parsed.data.from_stage is None
