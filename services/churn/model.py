@@ -181,7 +181,9 @@ def fit(
     split = today - timedelta(days=WINDOW_DAYS)
     past = {cid: h.as_of(split) for cid, h in histories.items()}
     past = {cid: h for cid, h in past.items() if h.first is not None}
-    current = {cid: h for cid, h in histories.items() if h.first is not None and h.first <= today}
+    # A live service may hold purchases newer than its clock (event time lags the fastest partition).
+    current = {cid: h.as_of(today) for cid, h in histories.items()}
+    current = {cid: h for cid, h in current.items() if h.first is not None}
     if len(past) < min_customers or len(current) < min_customers:
         return None
     past_params = fit_bgnbd(past, split)

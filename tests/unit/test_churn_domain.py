@@ -255,3 +255,20 @@ def test_due_never_points_before_now_and_nothing_is_due_before_a_purchase():
     assert d.due(state, now) >= now
     fresh, _ = d.apply(None, ev(ProfileUpdated, ProfileUpdatedData(value_tier="low"), T0), T0)
     assert d.due(fresh, T0) is None
+
+
+def test_a_refit_ignores_purchases_newer_than_its_day_and_learns_from_the_base():
+    from services.churn.model import fit
+
+    base = date(1997, 1, 1)
+    histories = {}
+    for i in range(300):
+        gap = 20 + i % 60
+        days = [base + timedelta(days=k * gap) for k in range(1 + (i % 7)) if k * gap < 300]
+        histories[f"c{i}"] = History(first=days[0], purchase_days=len(days), spend={d: 10.0 for d in days})
+    today = base + timedelta(days=200)  # some histories go on after it, as in a service whose clock lags
+    model = fit(histories, today, min_customers=100)
+    assert model is not None and model.fitted_on == today.isoformat()
+    assert model.params.customers == 300 and model.train_customers == 300
+    assert 0 < model.train_positive_rate < 1 and model.train_auc > 0.5
+    assert fit(histories, today, min_customers=1000) is None
