@@ -76,8 +76,9 @@ def _phrases(s: Signals) -> dict[str, str]:
     return {
         "recency": recency,
         "recency_ratio": recency,
+        # BG/NBD calls every one-time buyer alive (P = 1): only worth saying after a repeat purchase.
         "expected_purchases": f"expected purchases next {WINDOW_DAYS} days {s.expected_purchases:.1f}"
-        f" (P(alive) {s.p_alive:.2f})",
+        + (f" (P(alive) {s.p_alive:.2f})" if s.repeat_purchases else ""),
         "repeat_purchases": f"{_plural(s.repeat_purchases, 'repeat purchase day')} in {s.age_days} days",
         "recent_purchases": frequency,
         "previous_purchases": frequency,

@@ -37,7 +37,6 @@ FEATURES: dict[str, Callable[[Signals], float]] = {
     "previous_purchases": lambda s: math.log1p(s.previous_purchases),
     "spend_drop": lambda s: math.log((s.previous_spend + 1) / (s.recent_spend + 1)),
     "mean_spend": lambda s: math.log1p(s.mean_spend),
-    "tenure": lambda s: math.log1p(s.age_days),
     "complaints": lambda s: float(s.complaints),
     "low_scores": lambda s: float(s.low_scores),
     "engagement_drop": lambda s: math.log((s.previous_touches + 1) / (s.recent_touches + 1)),
@@ -45,7 +44,7 @@ FEATURES: dict[str, Callable[[Signals], float]] = {
 NAMES = tuple(FEATURES)
 
 # The direction each weight may take, so that every reason reads the right way round
-# (+1: more of it means more risk, -1: less risk, 0: either; tenure is context, never a reason).
+# (+1: more of it means more risk, -1: less risk).
 SIGNS = {
     "expected_purchases": -1,
     "recency": 1,
@@ -55,7 +54,6 @@ SIGNS = {
     "previous_purchases": 1,
     "spend_drop": 1,
     "mean_spend": -1,
-    "tenure": 0,
     "complaints": 1,
     "low_scores": 1,
     "engagement_drop": 1,
