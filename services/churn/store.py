@@ -56,7 +56,7 @@ class ChurnStore(StateStore):
         out: dict[str, dict[str, int]] = {"bands": {}, "ladder_steps": {}}
         async for d in self.collection.find({}, {"s.risk.band": 1, "s.ladder.step": 1}):
             s = d.get("s") or {}
-            band = (s.get("risk") or {}).get("band") or "none"
+            band = (s.get("risk") or {}).get("band") or "no_purchase"  # known from other events only
             step = str((s.get("ladder") or {}).get("step", 0))
             out["bands"][band] = out["bands"].get(band, 0) + 1
             out["ladder_steps"][step] = out["ladder_steps"].get(step, 0) + 1
