@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.churn.transactions import FORMATS
 from services.runtime.kafka import TopicNotFound
 from services.stack.servers import Stack, StackError, StackSettings
 
@@ -466,25 +467,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("churn", help="churn model tools on a transaction file")
     churn = p.add_subparsers(dest="churn_command", required=True)
-    q = churn.add_parser("fit", help="fit BG/NBD (r, alpha, a, b) by maximum likelihood; time unit weeks")
-    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
-    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
-    q.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--transactions", type=Path, required=True, help="the purchase file")
+    data.add_argument("--format", choices=list(FORMATS), required=True)
+    data.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
+    q = churn.add_parser(
+        "fit", parents=[data], help="fit BG/NBD (r, alpha, a, b) by maximum likelihood; time unit weeks"
+    )
     q.add_argument("--json", action="store_true", help='print {"r","alpha","a","b","log_likelihood","customers"}')
-    q.set_defaults(func=cmd_churn)
-    q = churn.add_parser("score", help="score every customer at the calibration end and write a CSV")
-    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
-    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
-    q.add_argument("--calibration-end", type=_date, required=True, help="the day to score at")
+    q = churn.add_parser("score", parents=[data], help="score every customer at the calibration end, write a CSV")
     q.add_argument("--out", type=Path, required=True, help="the CSV to write")
-    q.set_defaults(func=cmd_churn)
-    q = churn.add_parser("backtest", help="risk score vs recency vs BG/NBD on a holdout period")
-    q.add_argument("--transactions", type=Path, required=True, help="the purchase file")
-    q.add_argument("--format", choices=["cdnow-sample", "cdnow-master"], required=True)
-    q.add_argument("--calibration-end", type=_date, required=True, help="last day of the calibration period")
+    q = churn.add_parser("backtest", parents=[data], help="risk score vs recency vs BG/NBD on a holdout period")
     q.add_argument("--observation-end", type=_date, required=True, help="last day of the holdout period")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
-    q.set_defaults(func=cmd_churn)
+    p.set_defaults(func=cmd_churn)
 
     p = sub.add_parser("keys", help="print fresh keys and a token for the profile service")
     p.set_defaults(func=cmd_keys)

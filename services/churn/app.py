@@ -18,6 +18,7 @@ from services.churn.bootstrap import bootstrap_model
 from services.churn.domain import ChurnDomain, history
 from services.churn.settings import ChurnSettings
 from services.churn.store import ChurnStore
+from services.runtime import versions
 from services.runtime.clock import EPOCH, Clock
 from services.runtime.http import require_token
 from services.runtime.service import ServiceHost, ServiceSpec
@@ -37,7 +38,7 @@ def customer_view(cid: str, state: dict, domain: ChurnDomain, today: date) -> di
         "model_version": domain.model.version,
     }
     if state.get("first"):
-        s = domain.model.signals(history(state), max(today, date.fromisoformat(state["first"])))
+        s = domain.model.signals(history(state), today)
         view["signals"] = {k: getattr(s, k) for k in s.__dataclass_fields__} | {"recency_ratio": s.recency_ratio}
     return view
 
@@ -125,21 +126,25 @@ class ModelMaintenance:
         latest = await self.store.latest_model()
         if latest is not None:
             self.domain.model = latest
-        exported = 0.0
-        while True:
-            try:
-                await self.step(host)
-                version.set(self.domain.model.version)
-                ll.set(self.domain.model.params.log_likelihood)
-                if time.monotonic() - exported >= self.settings.band_export_interval_s:
-                    exported = time.monotonic()
-                    counts = await self.store.counts()
-                    bands.clear()
-                    for band, n in counts["bands"].items():
-                        bands.labels(band).set(n)
-            except Exception:
-                log.exception("model maintenance failed; retrying")
-            await asyncio.sleep(min(5.0, max(self.settings.refit_min_wall_s, 1.0)))
+
+        async def step() -> None:
+            await self.step(host)
+            version.set(self.domain.model.version)
+            ll.set(self.domain.model.params.log_likelihood)
+
+        async def export() -> None:
+            counts = await self.store.counts()
+            bands.clear()
+            for band, n in counts["bands"].items():
+                bands.labels(band).set(n)
+
+        await versions.maintain(
+            "model maintenance",
+            step,
+            export,
+            interval_s=min(5.0, max(self.settings.refit_min_wall_s, 1.0)),
+            export_interval_s=self.settings.band_export_interval_s,
+        )
 
     async def step(self, host: ServiceHost) -> None:
         now = host.clock.now()

@@ -101,7 +101,7 @@ def reasons(model: RiskModel, now: Signals, then: Signals, rules: BandRules) -> 
     for name, c in sorted(rises.items(), key=lambda kv: -kv[1]):
         if c < rules.reason_min_logit or len(out) >= rules.max_reasons:
             break
-        if name in phrases and phrases[name] not in out:
+        if phrases[name] not in out:
             out.append(phrases[name])
     if not out:
         out = [f"last purchase {now.recency_days} days ago", phrases["expected_purchases"]]
@@ -111,14 +111,9 @@ def reasons(model: RiskModel, now: Signals, then: Signals, rules: BandRules) -> 
 @dataclass(frozen=True)
 class Assessment:
     score: float  # P(no purchase in the next 90 days)
-    baseline: float  # the same on the customer's last purchase day
     band: str
     reasons: list[str]
     signals: Signals
-
-    @property
-    def rise(self) -> float:
-        return logit(self.score) - logit(self.baseline)
 
 
 def logit(p: float) -> float:
@@ -136,17 +131,18 @@ class Assessor:
         self.then = model.signals(h.as_of(last), last)
         self.baseline = model.score(self.then)
 
-    def band(self, today: date, previous: str | None) -> str:
-        s = self.model.signals(self.h, today)
-        rise = logit(self.model.score(s)) - logit(self.baseline)
-        return band_for(rise, s.recency_ratio, previous, self.rules)
-
-    def assess(self, today: date, previous: str | None) -> Assessment:
+    def _scored(self, today: date, previous: str | None) -> tuple[Signals, float, str]:
         s = self.model.signals(self.h, today)
         score = self.model.score(s)
         rise = logit(score) - logit(self.baseline)
-        band = band_for(rise, s.recency_ratio, previous, self.rules)
-        return Assessment(score, self.baseline, band, reasons(self.model, s, self.then, self.rules), s)
+        return s, score, band_for(rise, s.recency_ratio, previous, self.rules)
+
+    def band(self, today: date, previous: str | None) -> str:
+        return self._scored(today, previous)[2]
+
+    def assess(self, today: date, previous: str | None) -> Assessment:
+        s, score, band = self._scored(today, previous)
+        return Assessment(score, band, reasons(self.model, s, self.then, self.rules), s)
 
 
 def assess(model: RiskModel, h: History, today: date, previous: str | None, rules: BandRules) -> Assessment:

@@ -220,8 +220,9 @@ class ChurnDomain:
         a = assessment or self._assessment(st, now)
         previous = st["risk"]["band"] if st["risk"] else None
         derived: list[Event] = []
-        stamp = now.isoformat()
+        since, changes = (st["risk"]["since"], st["risk"].get("changes", 0)) if st["risk"] else (None, 0)
         if a.band != previous:
+            since, changes = now.isoformat(), changes + 1
             if previous is not None or a.band != "low":
                 data = ChurnRiskChangedData(
                     from_band=previous,
@@ -230,11 +231,7 @@ class ChurnDomain:
                     p_alive=round(a.signals.p_alive, 4),
                     reasons=a.reasons,
                 )
-                changes = (st["risk"] or {}).get("changes", 0) + 1
                 derived.append(self._event(ChurnRiskChanged, cid, data, now, cause, f"band/{changes}"))
-            since, changes = stamp, (st["risk"] or {}).get("changes", 0) + 1
-        else:
-            since, changes = st["risk"]["since"], st["risk"].get("changes", 0)
         st["risk"] = {
             "score": round(a.score, 4),
             "band": a.band,

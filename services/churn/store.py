@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
 from services.churn.domain import history, new_state
 from services.churn.model import RiskModel
 from services.churn.signals import History
+from services.runtime import versions
 from services.runtime.statestore import Codec, StateStore
 
 HISTORY_FIELDS = ("first", "purchase_days", "spend", "touches", "complaints", "low_scores")
@@ -35,21 +35,14 @@ class ChurnStore(StateStore):
         return out
 
     async def latest_model(self) -> RiskModel | None:
-        async for d in self.models.find().sort("_id", -1).limit(1):
-            return RiskModel.from_doc(d)
-        return None
+        d = await versions.latest(self.models)
+        return RiskModel.from_doc(d) if d else None
 
     async def model_history(self, limit: int = 20) -> list[dict[str, Any]]:
         return [d async for d in self.models.find({}, {"features": 0}).sort("_id", -1).limit(limit)]
 
     async def insert_model(self, model: RiskModel) -> RiskModel:
-        """Store a new version; if another replica stored that version first, theirs wins."""
-        try:
-            await self.models.insert_one(model.to_doc())
-            return model
-        except DuplicateKeyError:
-            winner = await self.models.find_one({"_id": model.version})
-            return RiskModel.from_doc(winner) if winner else model
+        return RiskModel.from_doc(await versions.insert(self.models, model.to_doc()))
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Customers per risk band and per retention ladder step (one projection scan)."""

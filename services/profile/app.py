@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import datetime, timedelta
@@ -20,6 +19,7 @@ from services.profile.lifecycle import LifecycleRules
 from services.profile.settings import ProfileSettings
 from services.profile.store import ProfileStore
 from services.profile.view import customer_view
+from services.runtime import versions
 from services.runtime.clock import EPOCH, Clock
 from services.runtime.http import require_token
 from services.runtime.service import ServiceHost, ServiceSpec
@@ -101,16 +101,13 @@ class SegmentMaintenance:
         latest = await self.store.latest_breakpoints()
         if latest is not None:
             self.domain.breakpoints = latest
-        exported = 0.0
-        while True:
-            try:
-                await self.step(host)
-                if time.monotonic() - exported >= self.settings.segment_export_interval_s:
-                    exported = time.monotonic()
-                    await self._export()
-            except Exception:
-                log.exception("segment maintenance failed; retrying")
-            await asyncio.sleep(min(5.0, max(self.settings.rfm_refresh_min_wall_s, 1.0)))
+        await versions.maintain(
+            "segment maintenance",
+            lambda: self.step(host),
+            self._export,
+            interval_s=min(5.0, max(self.settings.rfm_refresh_min_wall_s, 1.0)),
+            export_interval_s=self.settings.segment_export_interval_s,
+        )
 
     async def step(self, host: ServiceHost) -> None:
         now = host.clock.now()

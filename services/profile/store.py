@@ -17,11 +17,11 @@ from typing import Any
 
 from pymongo import DeleteOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError
 
 from services.profile import rfm
 from services.profile.crypto import LookupHasher, normalise_email
 from services.profile.domain import net_spend, primary_currency
+from services.runtime import versions
 from services.runtime.statestore import Codec, CustomerDoc, StateStore
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,11 @@ class ProfileStore(StateStore):
         return rows, (now - earliest).total_seconds() / 86400
 
     async def latest_breakpoints(self) -> rfm.Breakpoints | None:
-        async for d in self.breakpoints.find().sort("_id", -1).limit(1):
-            return rfm.Breakpoints.from_doc(d)
-        return None
+        d = await versions.latest(self.breakpoints)
+        return rfm.Breakpoints.from_doc(d) if d else None
 
     async def insert_breakpoints(self, bp: rfm.Breakpoints) -> rfm.Breakpoints:
-        """Store a new version; if another replica stored that version first, theirs wins."""
-        try:
-            await self.breakpoints.insert_one(bp.to_doc())
-            return bp
-        except DuplicateKeyError:
-            winner = await self.breakpoints.find_one({"_id": bp.version})
-            return rfm.Breakpoints.from_doc(winner) if winner else bp
+        return rfm.Breakpoints.from_doc(await versions.insert(self.breakpoints, bp.to_doc()))
 
     async def counts(self) -> dict[str, dict[str, int]]:
         """Customers per segment, lifecycle stage and value tier: one projection scan, counted here

@@ -91,7 +91,8 @@ async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_
         assert view["ladder"]["step"] == 3 and view["risk"]["band"] in ("high", "lost")
         assert view["signals"]["cadence_days"] == 30.0
         assert (await api.get("/customers/nobody")).status_code == 404
-        assert (await httpx.AsyncClient().get(f"http://127.0.0.1:{settings.http_port}/models")).status_code == 401
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as anon:
+            assert (await anon.get("/models")).status_code == 401
 
         # The customer comes back.
         back = purchase(cid, total="40.00", occurred_at=(last + timedelta(days=4 * 36)).isoformat())
@@ -100,7 +101,7 @@ async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_
         assert len(won) == 1
         assert won[0]["data"]["ladder_step"] == 3 and won[0]["data"]["order_id"] == back["data"]["order_id"]
         assert won[0]["causation_id"] == back["event_id"]
-        metrics = (await httpx.AsyncClient().get(f"http://127.0.0.1:{settings.http_port}/metrics")).text
+        metrics = (await api.get("/metrics")).text
         assert 'crm_churn_won_back_total{step="3"} 1.0' in metrics
         assert 'crm_churn_winback_rate{step="3"} 1.0' in metrics
         await api.aclose()

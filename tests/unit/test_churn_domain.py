@@ -202,8 +202,7 @@ def test_a_purchase_after_the_ladder_started_is_a_win_back_once():
     won = [e for e in out if e.type == "CustomerWonBack"]
     assert len(won) == 1 and won[0].data.ladder_step == state["ladder"]["step"] and won[0].data.order_id == "back"
     assert state2["ladder"]["step"] == 0 and state2["risk"]["band"] in ("low", "medium")
-    # The same purchase delivered again is a different event only if its id differs; a second
-    # purchase afterwards is no win-back (the ladder is reset).
+    # The ladder is reset: the next purchase is no second win-back.
     _, again = d.apply(state2, buy(order="next", at=back.occurred_at + timedelta(days=1)), back.occurred_at)
     assert not [e for e in again if e.type == "CustomerWonBack"]
 
