@@ -2,7 +2,7 @@ import asyncio
 import sys
 
 from services.profile.app import build
-from services.profile.crypto import KeyConfigError
+from services.runtime.crypto import KeyConfigError
 
 
 async def main() -> None:

@@ -13,7 +13,6 @@ from starlette.routing import Route
 
 from contracts import topics
 from services.profile import rfm
-from services.profile.crypto import ContactCodec, LookupHasher, make_cipher
 from services.profile.domain import ProfileDomain, ProfileRules
 from services.profile.lifecycle import LifecycleRules
 from services.profile.settings import ProfileSettings
@@ -21,6 +20,7 @@ from services.profile.store import ProfileStore
 from services.profile.view import customer_view
 from services.runtime import versions
 from services.runtime.clock import EPOCH, Clock
+from services.runtime.crypto import ContactCodec, LookupHasher, make_cipher
 from services.runtime.http import require_token
 from services.runtime.service import ServiceHost, ServiceSpec
 from services.runtime.settings import CommonSettings

@@ -1,87 +1,30 @@
 """The profile's collections: customers (state documents), contact_lookup, rfm_breakpoints.
 
 contact_lookup maps the keyed hash of an e-mail or phone number to a customer
-id. It is written only when contact details change, instead of indexing the
-customers collection, whose every write would then pay for the index.
-Entries are added before and removed after the customer write, and a lookup
-checks the decrypted contact, so a crash in between leaves at worst a stale
-entry that matches nothing.
+id (see services.runtime.lookups).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
-from pymongo import DeleteOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.profile import rfm
-from services.profile.crypto import LookupHasher, normalise_email
 from services.profile.domain import net_spend, primary_currency
 from services.runtime import versions
-from services.runtime.statestore import Codec, CustomerDoc, StateStore
+from services.runtime.crypto import LookupHasher
+from services.runtime.lookups import LookupStateStore
+from services.runtime.statestore import Codec
 
 log = logging.getLogger(__name__)
 
 
-class ProfileStore(StateStore):
+class ProfileStore(LookupStateStore):
     def __init__(self, db: AsyncDatabase, codec: Codec | None, hasher: LookupHasher):
-        super().__init__(db["customers"], codec=codec)
-        self.lookups = db["contact_lookup"]
+        super().__init__(db["customers"], db["contact_lookup"], hasher, codec)
         self.breakpoints = db["rfm_breakpoints"]
-        self.hasher = hasher
-
-    async def load(self, customer_ids: Iterable[str]) -> dict[str, CustomerDoc]:
-        docs = await super().load(customer_ids)
-        for doc in docs.values():
-            if "lookup" not in doc.meta:  # as stored: the invariant after every save
-                doc.meta["lookup"] = self.hasher.keys_of(doc.state)
-        return docs
-
-    async def save(self, docs: Iterable[CustomerDoc]) -> int:
-        docs = list(docs)
-        changes = []
-        for doc in docs:
-            if doc.dirty:
-                new = self.hasher.keys_of(doc.state)
-                old = doc.meta.get("lookup", set())
-                if new != old:
-                    changes.append((doc, old, new))
-        adds = [
-            UpdateOne({"_id": k}, {"$set": {"c": d.customer_id}}, upsert=True) for d, o, n in changes for k in n - o
-        ]
-        if adds:
-            await self.lookups.bulk_write(adds, ordered=False)
-        written = await super().save(docs)
-        removes = [DeleteOne({"_id": k, "c": d.customer_id}) for d, o, n in changes for k in o - n]
-        if removes:
-            await self.lookups.bulk_write(removes, ordered=False)
-        for doc, _, new in changes:
-            doc.meta["lookup"] = new
-        return written
-
-    async def read(self, customer_id: str) -> dict[str, Any] | None:
-        """The stored, decrypted state of one customer (what the read API shows)."""
-        d = await self.collection.find_one({"_id": customer_id}, {"s": 1})
-        if d is None or d.get("s") is None:
-            return None
-        return self.codec.decode(d["s"])
-
-    async def find_by_contact(self, *, email: str | None = None, phone: str | None = None) -> str | None:
-        key = self.hasher.email(email) if email else self.hasher.phone(phone or "")
-        hit = await self.lookups.find_one({"_id": key})
-        if hit is None:
-            return None
-        state = await self.read(hit["c"])
-        contact = (state or {}).get("contact") or {}
-        if email and normalise_email(contact.get("email") or "") == normalise_email(email):
-            return hit["c"]
-        if phone and (contact.get("phone") or "") == phone.strip():
-            return hit["c"]
-        return None
 
     async def population(self, now: datetime) -> tuple[list[rfm.PopulationRow], float]:
         """Recency, frequency and spend of every customer who bought (one projection scan),

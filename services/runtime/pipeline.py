@@ -144,7 +144,7 @@ class Pipeline:
             # Fault injection for the crash tests: die exactly between write and publish.
             log.error("failpoint after_store_write: exiting")
             os._exit(86)
-        result.published = await self._publish(docs.values(), result.dead_letters)
+        result.published = await self.publish(docs.values(), result.dead_letters)
         if result.erased:
             # Published events of an erased customer may carry personal data (sealed or not):
             # they must not wait in the stored outbox for a next write that may never come.
@@ -197,7 +197,7 @@ class Pipeline:
             base_delay=self.retry_base_delay_s,
             what="store write",
         )
-        result.published = await self._publish(docs.values(), [])
+        result.published = await self.publish(docs.values(), [])
         if self.metrics is not None:
             self.metrics.observe_sweep(self.service, result, len(customer_ids))
         return result
@@ -238,7 +238,8 @@ class Pipeline:
             # Once per customer and batch: only the final state's next due time matters.
             doc.due = self._due(doc.state, changed_at) if doc.state is not None else None
 
-    async def _publish(self, docs, dead_letters: list[DeadLetter]) -> int:
+    async def publish(self, docs, dead_letters: list[DeadLetter]) -> int:
+        """Send the docs' pending outbox entries and these dead letters; mark the entries published."""
         messages: list[tuple[str, bytes | None, bytes | None, tuple]] = []
         sent: list[tuple[CustomerDoc, OutboxEntry]] = []
         for doc in docs:

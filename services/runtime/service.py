@@ -60,6 +60,8 @@ class ServiceHost:
     ):
         self.spec = spec
         self.background = list(background)
+        self.after_batch: list[Callable[[bool], None]] = []  # called after every batch (ok or not)
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []  # closes what the composition root opened
         self._tasks: list[asyncio.Task] = []
         self.common = common
         self.settings = settings
@@ -142,19 +144,29 @@ class ServiceHost:
         if forget is not None:
             forget()
 
-    def owns(self, customer_id: str) -> bool:
-        """Whether this replica owns the customer: the producer's partitioner, checked against our assignment.
+    def partition_of(self, customer_id: str) -> int | None:
+        """The partition the producer's partitioner puts this customer in (None before metadata).
 
         Consumed topics are co-partitioned (same partition count, range assignment),
         so the first topic decides for all.
         """
-        consumer = self.subscriber.consumer
-        parts = consumer.partitions_for_topic(self._home_topic)
+        consumer = getattr(self.subscriber, "consumer", None)
+        parts = consumer.partitions_for_topic(self._home_topic) if consumer is not None else None
         if not parts:
-            return False
+            return None
         ordered = sorted(parts)
-        p = ordered[(murmur2(customer_id.encode()) & 0x7FFFFFFF) % len(ordered)]
-        return TopicPartition(self._home_topic, p) in consumer.assignment()
+        return ordered[(murmur2(customer_id.encode()) & 0x7FFFFFFF) % len(ordered)]
+
+    def owned_partitions(self) -> set[int]:
+        consumer = getattr(self.subscriber, "consumer", None)
+        if consumer is None:
+            return set()
+        return {tp.partition for tp in consumer.assignment() if tp.topic == self._home_topic}
+
+    def owns(self, customer_id: str) -> bool:
+        """Whether this replica owns the customer (its partition is assigned to us)."""
+        p = self.partition_of(customer_id)
+        return p is not None and p in self.owned_partitions()
 
     async def sweep_once(self) -> int:
         """Tick every owned customer whose due time has come (clock time); returns how many."""
@@ -192,6 +204,8 @@ class ServiceHost:
 
     def _batch_outcome(self, ok: bool) -> None:
         self._failing = not ok
+        for hook in self.after_batch:
+            hook(ok)
         # Under event time the clock moves with the batches: sweep as soon as something fell due,
         # so a fast replay does not leave birthdays and follow-ups a day behind.
         nxt = self.store.schedule.next_due()
@@ -245,6 +259,9 @@ class ServiceHost:
             await self.broker.stop()
         with contextlib.suppress(Exception):
             await self.publisher.stop()
+        for close in self.on_stop:
+            with contextlib.suppress(Exception):
+                await close()
         await self.mongo.close()
 
     async def run(self) -> None:

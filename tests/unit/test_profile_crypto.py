@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.fernet import Fernet
 
-from services.profile.crypto import ContactCodec, KeyConfigError, LookupHasher, make_cipher
+from services.runtime.crypto import ContactCodec, KeyConfigError, LookupHasher, make_cipher
 
 STATE = {"contact": {"name": "王芳", "email": "fang@example.com", "phone": "+8613800138000"}, "stage": "new"}
 

@@ -1,9 +1,10 @@
 """Personal data at rest: Fernet-encrypted contact fields and sealed outbox entries, keyed lookups.
 
-The state in memory holds plaintext (the service needs it to publish the
-profile snapshot); everything written to MongoDB goes through `ContactCodec`,
-so neither the customer documents nor their outbox hold a readable e-mail,
-phone number or name.
+Shared by the services that hold contact details (profile, notify).
+
+The state in memory holds plaintext (the service needs it to publish or send);
+everything written to MongoDB goes through `ContactCodec`, so neither a service's
+customer documents nor their outbox hold a readable e-mail, phone number or name.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ class KeyConfigError(ValueError):
     """A missing or malformed key in the settings."""
 
 
-def make_cipher(keys: str) -> MultiFernet:
+def make_cipher(keys: str, setting: str = "CRM_PROFILE_ENCRYPTION_KEYS") -> MultiFernet:
     parts = [k.strip() for k in keys.split(",") if k.strip()]
     if not parts:
         raise KeyConfigError(
-            "CRM_PROFILE_ENCRYPTION_KEYS is empty: personal data must be encrypted at rest. "
+            f"{setting} is empty: personal data must be encrypted at rest. "
             "Generate a key with `crm keys` and set it (comma-separate several to rotate)."
         )
     try:
         return MultiFernet([Fernet(k.encode()) for k in parts])
     except (ValueError, TypeError) as exc:
-        raise KeyConfigError(f"CRM_PROFILE_ENCRYPTION_KEYS holds an invalid Fernet key: {exc}") from None
+        raise KeyConfigError(f"{setting} holds an invalid Fernet key: {exc}") from None
 
 
 def normalise_email(email: str) -> str:
@@ -42,9 +43,9 @@ def normalise_email(email: str) -> str:
 class LookupHasher:
     """HMAC-SHA256 of a normalised contact: equal inputs meet, the store learns nothing readable."""
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, setting: str = "CRM_PROFILE_LOOKUP_KEY"):
         if len(key) < 16:
-            raise KeyConfigError("CRM_PROFILE_LOOKUP_KEY must be at least 16 characters (use `crm keys`)")
+            raise KeyConfigError(f"{setting} must be at least 16 characters (use `crm keys`)")
         self._key = key.encode()
 
     def email(self, email: str) -> str:
@@ -64,7 +65,7 @@ class LookupHasher:
 
 
 class ContactCodec:
-    """The store codec of the profile service (see services.runtime.statestore.Codec)."""
+    """The store codec for states with a `contact` dict (see services.runtime.statestore.Codec)."""
 
     def __init__(self, cipher: MultiFernet):
         self.cipher = cipher
