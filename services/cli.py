@@ -266,9 +266,13 @@ def cmd_keys(_: argparse.Namespace) -> int:
 
     from cryptography.fernet import Fernet
 
-    print(f"CRM_PROFILE_ENCRYPTION_KEYS={Fernet.generate_key().decode()}")
-    print(f"CRM_PROFILE_LOOKUP_KEY={secrets.token_urlsafe(32)}")
-    print(f"CRM_PROFILE_API_TOKEN={secrets.token_urlsafe(24)}")
+    for service in ("PROFILE", "NOTIFY"):
+        print(f"CRM_{service}_ENCRYPTION_KEYS={Fernet.generate_key().decode()}")
+        print(f"CRM_{service}_LOOKUP_KEY={secrets.token_urlsafe(32)}")
+    print(f"CRM_NOTIFY_LINK_KEY={secrets.token_urlsafe(32)}")
+    print(f"CRM_NOTIFY_INBOUND_TOKEN={secrets.token_urlsafe(24)}")
+    for service in ("PROFILE", "LOYALTY", "CHURN", "NOTIFY"):
+        print(f"CRM_{service}_API_TOKEN={secrets.token_urlsafe(24)}")
     return 0
 
 

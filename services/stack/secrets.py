@@ -21,6 +21,10 @@ def fresh() -> dict[str, str]:
     values = {
         "CRM_PROFILE_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
         "CRM_PROFILE_LOOKUP_KEY": secrets.token_urlsafe(32),
+        "CRM_NOTIFY_ENCRYPTION_KEYS": Fernet.generate_key().decode(),
+        "CRM_NOTIFY_LOOKUP_KEY": secrets.token_urlsafe(32),
+        "CRM_NOTIFY_LINK_KEY": secrets.token_urlsafe(32),
+        "CRM_NOTIFY_INBOUND_TOKEN": secrets.token_urlsafe(24),
     }
     # One read-API token for the whole local stack; production gives each service its own.
     values.update({f"CRM_{name.upper()}_API_TOKEN": token for name in SERVICES})

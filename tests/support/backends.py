@@ -37,6 +37,8 @@ def embedded(var_dir: Path) -> Iterator[Backend]:
         kafka_port=free_port(),
         mongo_port=free_port(),
         valkey_port=free_port(),
+        smtp_port=free_port(),
+        sms_port=free_port(),
         var_dir=var_dir,
     )
     stack = Stack(settings, log=lambda _msg: None)

@@ -1,0 +1,265 @@
+"""Delivery providers (SMTP, a generic JSON SMS gateway, Twilio's form API), retries and failover.
+
+A provider is configured by one URL (a secret: it may carry credentials):
+
+    smtp://[user:password@]host:port[?starttls=true]     e-mail over SMTP (smtps:// for implicit TLS)
+    http(s)://[:token@]host[:port]/path                  SMS as JSON {to, body, customer_id, request_id}
+    twilio://ACCOUNT_SID:AUTH_TOKEN@api.twilio.com?from=+15550001111   Twilio's Messages API
+    twilio+http://SID:TOKEN@127.0.0.1:2526?from=...      the same form API on a plain-HTTP host
+
+Every error is classified once, here:
+    TransientError   the provider may accept it later (4xx SMTP replies, 5xx/429 HTTP, timeouts)
+    AddressError     the address is wrong (SMTP 5xx on RCPT, HTTP 422, Twilio 21211/21614/21610)
+    RejectedError    refused for another reason (our configuration or content): no retry
+A channel retries transient errors with exponential backoff and full jitter on its
+primary provider, then fails over to the secondary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import format_datetime
+from typing import Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import aiosmtplib
+import httpx
+from tenacity import AsyncRetrying, RetryError, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(Exception):
+    """Base of the classified provider errors."""
+
+
+class TransientError(DeliveryError):
+    pass
+
+
+class AddressError(DeliveryError):
+    pass
+
+
+class RejectedError(DeliveryError):
+    pass
+
+
+class ExhaustedError(DeliveryError):
+    """Transient errors outlasted every retry on every provider of the channel."""
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    channel: str
+    to: str
+    customer_id: str
+    request_id: str
+    subject: str
+    text: str
+    html: str
+    sms: str
+    sender: str = ""
+    message_id: str = ""
+    unsubscribe_url: str | None = None
+    sent_at: datetime | None = None
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"{self.request_id}:{self.channel}"
+
+
+class Provider(Protocol):
+    name: str
+
+    async def send(self, msg: Outgoing) -> None: ...
+
+
+def mime(msg: Outgoing) -> EmailMessage:
+    """A text and an HTML part, UTF-8 headers, and RFC 8058 one-click unsubscribe."""
+    m = EmailMessage()
+    m["From"] = msg.sender
+    m["To"] = msg.to
+    m["Subject"] = msg.subject  # encoded as RFC 2047 UTF-8 words when not ASCII
+    if msg.sent_at is not None:
+        m["Date"] = format_datetime(msg.sent_at)
+    m["Message-ID"] = msg.message_id
+    m["X-CRM-Request-ID"] = msg.request_id
+    m["X-CRM-Customer-ID"] = msg.customer_id
+    if msg.unsubscribe_url:
+        m["List-Unsubscribe"] = f"<{msg.unsubscribe_url}>"
+        m["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    m.set_content(msg.text, charset="utf-8")
+    m.add_alternative(msg.html, subtype="html", charset="utf-8")
+    return m
+
+
+def _display(url: str) -> str:
+    u = urlsplit(url)
+    return f"{u.scheme}://{u.hostname}:{u.port}" if u.port else f"{u.scheme}://{u.hostname}"
+
+
+class SmtpProvider:
+    def __init__(self, url: str, timeout: float = 10.0):
+        u = urlsplit(url)
+        if u.scheme not in ("smtp", "smtps") or not u.hostname:
+            raise ValueError(f"not an SMTP provider URL: {_display(url)} (use smtp://host:port or smtps://)")
+        self.name = _display(url)
+        self.host, self.port = u.hostname, u.port or (465 if u.scheme == "smtps" else 25)
+        self.username = unquote(u.username) if u.username else None
+        self.password = unquote(u.password) if u.password else None
+        q = parse_qs(u.query)
+        self.use_tls = u.scheme == "smtps"
+        self.start_tls = (q.get("starttls", ["false"])[0].lower() in ("1", "true", "yes")) or None
+        self.timeout = timeout
+
+    async def send(self, msg: Outgoing) -> None:
+        try:
+            await aiosmtplib.send(
+                mime(msg),
+                hostname=self.host,
+                port=self.port,
+                username=self.username,
+                password=self.password,
+                use_tls=self.use_tls,
+                start_tls=self.start_tls,
+                timeout=self.timeout,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            first = exc.recipients[0]
+            if all(r.code >= 500 for r in exc.recipients):
+                raise AddressError(f"recipient refused: {first.code} {first.message}") from None
+            raise TransientError(f"recipient deferred: {first.code} {first.message}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            if 400 <= exc.code < 500:
+                raise TransientError(f"SMTP {exc.code} {exc.message}") from None
+            raise RejectedError(f"SMTP {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+
+
+def _http_error(resp: httpx.Response, address_codes: set[int] = frozenset()) -> DeliveryError:
+    text = resp.text[:200]
+    if resp.status_code in (408, 425, 429) or resp.status_code >= 500:
+        return TransientError(f"HTTP {resp.status_code}: {text}")
+    if resp.status_code == 422:
+        return AddressError(f"HTTP 422: {text}")
+    try:
+        code = resp.json().get("code")
+    except ValueError:
+        code = None
+    if code in address_codes:
+        return AddressError(f"HTTP {resp.status_code} code {code}: {text}")
+    return RejectedError(f"HTTP {resp.status_code}: {text}")
+
+
+class JsonSmsProvider:
+    """POST {to, body, customer_id, request_id} with an Idempotency-Key header; 2xx is accepted."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient):
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"not an HTTP SMS gateway URL: {_display(url)}")
+        self.name = _display(url)
+        netloc = u.hostname + (f":{u.port}" if u.port else "")
+        self.url = f"{u.scheme}://{netloc}{u.path or '/'}" + (f"?{u.query}" if u.query else "")
+        self.token = unquote(u.password) if u.password else None
+        self.client = client
+
+    async def send(self, msg: Outgoing) -> None:
+        headers = {"Idempotency-Key": msg.idempotency_key}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        body = {"to": msg.to, "body": msg.sms, "customer_id": msg.customer_id, "request_id": msg.request_id}
+        try:
+            resp = await self.client.post(self.url, json=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if resp.is_success:
+            return
+        raise _http_error(resp)
+
+
+class TwilioSmsProvider:
+    """Twilio's Messages API (form-encoded, basic auth) and any gateway that speaks it."""
+
+    ADDRESS_CODES = frozenset({21211, 21614, 21610})  # invalid number, not a mobile, recipient opted out
+
+    def __init__(self, url: str, client: httpx.AsyncClient):
+        u = urlsplit(url)
+        if u.scheme not in ("twilio", "twilio+http") or not u.username or not u.password or not u.hostname:
+            raise ValueError("a Twilio provider URL is twilio://ACCOUNT_SID:AUTH_TOKEN@host?from=+1555...")
+        self.name = _display(url)
+        scheme = "http" if u.scheme == "twilio+http" else "https"
+        self.sid, self.token = unquote(u.username), unquote(u.password)
+        netloc = u.hostname + (f":{u.port}" if u.port else "")
+        self.url = f"{scheme}://{netloc}/2010-04-01/Accounts/{self.sid}/Messages.json"
+        sender = parse_qs(u.query).get("from", [""])[0]
+        if not sender:
+            raise ValueError("a Twilio provider URL needs ?from=<the sending number>")
+        self.sender = sender
+        self.client = client
+
+    async def send(self, msg: Outgoing) -> None:
+        form = {"To": msg.to, "From": self.sender, "Body": msg.sms}
+        headers = {"I-Twilio-Idempotency-Token": msg.idempotency_key}
+        try:
+            resp = await self.client.post(self.url, data=form, headers=headers, auth=(self.sid, self.token))
+        except httpx.HTTPError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if resp.is_success:
+            return
+        raise _http_error(resp, set(self.ADDRESS_CODES))
+
+
+def make_provider(url: str, client: httpx.AsyncClient, smtp_timeout: float = 10.0) -> Provider:
+    scheme = urlsplit(url).scheme
+    if scheme in ("smtp", "smtps"):
+        return SmtpProvider(url, smtp_timeout)
+    if scheme in ("http", "https"):
+        return JsonSmsProvider(url, client)
+    if scheme in ("twilio", "twilio+http"):
+        return TwilioSmsProvider(url, client)
+    raise ValueError(f"unknown provider scheme {scheme!r} (smtp, smtps, http, https, twilio, twilio+http)")
+
+
+class ChannelSender:
+    """One channel's providers in order: retries with backoff and jitter on each, then the next."""
+
+    def __init__(self, channel: str, providers: list[Provider], *, attempts: int, base_delay: float, max_delay: float):
+        if not providers:
+            raise ValueError(f"no provider configured for {channel}")
+        self.channel = channel
+        self.providers = providers
+        self.attempts = attempts
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.on_retry = lambda provider, exc: None  # metrics hook
+
+    async def send(self, msg: Outgoing) -> str:
+        """The name of the provider that accepted it; AddressError/RejectedError/ExhaustedError otherwise."""
+        last: BaseException | None = None
+        for provider in self.providers:
+            try:
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(self.attempts),
+                    wait=wait_random_exponential(multiplier=self.base_delay, max=self.max_delay),
+                    retry=retry_if_exception_type(TransientError),
+                    before_sleep=lambda state, p=provider: self._retrying(p, state),
+                ):
+                    with attempt:
+                        await provider.send(msg)
+                return provider.name
+            except RetryError as exc:
+                last = exc.last_attempt.exception()
+                if provider is not self.providers[-1]:
+                    log.warning("%s: %s failed (%s), failing over", self.channel, provider.name, last)
+        raise ExhaustedError(f"{self.channel}: every provider failed; last error: {last}")
+
+    def _retrying(self, provider: Provider, state) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.info("%s via %s: %s; retry %d", self.channel, provider.name, exc, state.attempt_number)
+        self.on_retry(provider, exc)

@@ -1,0 +1,332 @@
+"""Delivery: the wake-up index in Redis, and rounds that send what is due and record the outcomes.
+
+The system of record for every pending message is the customer's document in
+MongoDB (its jobs, and `due`: when the earliest one needs attention). Redis
+holds only the index of due times, one sorted set per partition:
+
+    <prefix>notify:wake:<partition>          member: customer id, score: due (epoch seconds, clock time)
+    <prefix>notify:wake:<partition>:built    present once the set was rebuilt from MongoDB
+
+Every store write records the new due times, which are flushed to Redis after
+the write. A partition whose marker is missing (Redis lost its data, or was
+never built) and every newly assigned partition are rebuilt from one
+projection scan of MongoDB; so a Redis loss delays messages, it never drops
+one, and the jobs' status in MongoDB keeps a message from going out twice.
+
+A round (under the pipeline lock, so it never races a batch for the same
+customer) takes the customers that are due, lets the domain move their
+waiting and deferred jobs on, sends every queued job, records the outcomes,
+writes once and publishes. A crash between a provider's acceptance and the
+write can repeat that one message: the e-mail carries the same Message-ID and
+the SMS the same idempotency key, so a provider that honours them (the
+embedded SMS gateway does) drops the repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from pymongo.asynchronous.database import AsyncDatabase
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.notify.channels import AddressError, ChannelSender, DeliveryError, Outgoing, RejectedError
+from services.notify.domain import Failed, Job, NotifyDomain, Sent, contact_of, message_context
+from services.notify.links import LinkSigner
+from services.notify.render import Renderer, RenderError
+from services.runtime.clock import WallClock
+from services.runtime.crypto import LookupHasher
+from services.runtime.lookups import LookupStateStore
+from services.runtime.pipeline import BatchResult
+from services.runtime.records import DeadLetter, Record
+from services.runtime.statestore import Codec, CustomerDoc, OutboxEntry, Schedule
+
+log = logging.getLogger(__name__)
+
+
+class RecordingSchedule(Schedule):
+    """The in-memory schedule, also remembering which due times changed since the last flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.changes: dict[str, datetime | None] = {}
+
+    def set(self, cid: str, when: datetime | None) -> None:
+        super().set(cid, when)
+        self.changes[cid] = when
+
+    def clear(self) -> None:
+        super().clear()
+        self.changes.clear()  # the documents hold them; the next owner rebuilds from there
+
+
+class NotifyStore(LookupStateStore):
+    def __init__(self, db: AsyncDatabase, codec: Codec | None, hasher: LookupHasher):
+        super().__init__(db["customers"], db["contact_lookup"], hasher, codec)
+        self.schedule = RecordingSchedule()
+
+    async def due_times(self) -> list[tuple[str, datetime]]:
+        """Every customer with pending work and when (one projection scan)."""
+        return [(d["_id"], d["due"]) async for d in self.collection.find({"due": {"$ne": None}}, {"due": 1})]
+
+
+class WakeIndex:
+    def __init__(self, redis: Redis, prefix: str):
+        self.redis = redis
+        self.prefix = prefix  # e.g. "crm:notify:wake:"
+
+    def key(self, partition: int) -> str:
+        return f"{self.prefix}{partition}"
+
+    async def unbuilt(self, partitions: set[int]) -> set[int]:
+        pipe = self.redis.pipeline(transaction=False)
+        ordered = sorted(partitions)
+        for p in ordered:
+            pipe.exists(self.key(p) + ":built")
+        found = await pipe.execute()
+        return {p for p, ok in zip(ordered, found, strict=True) if not ok}
+
+    async def rebuild(self, partitions: set[int], entries: dict[int, list[tuple[str, datetime]]]) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        for p in partitions:
+            pipe.delete(self.key(p))
+            members = {cid: when.timestamp() for cid, when in entries.get(p, [])}
+            for chunk in _chunks(list(members.items()), 1000):
+                pipe.zadd(self.key(p), dict(chunk))
+            pipe.set(self.key(p) + ":built", str(time.time()))
+        await pipe.execute()
+
+    async def apply(self, changes: dict[str, datetime | None], partition_of: Callable[[str], int | None]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for cid, when in changes.items():
+            p = partition_of(cid)
+            if p is None:
+                continue
+            if when is None:
+                pipe.zrem(self.key(p), cid)
+            else:
+                pipe.zadd(self.key(p), {cid: when.timestamp()})
+        await pipe.execute()
+
+    async def due(self, partitions: set[int], now: datetime, limit: int) -> list[str]:
+        out: list[str] = []
+        for p in sorted(partitions):
+            got = await self.redis.zrangebyscore(self.key(p), "-inf", now.timestamp(), start=0, num=limit)
+            out.extend(m.decode() if isinstance(m, bytes) else m for m in got)
+        return out[:limit]
+
+    async def size(self, partitions: set[int]) -> int:
+        pipe = self.redis.pipeline(transaction=False)
+        for p in partitions:
+            pipe.zcard(self.key(p))
+        return sum(await pipe.execute())
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+class Deliverer:
+    """The delivery rounds of one replica (a background job of the service host)."""
+
+    def __init__(
+        self,
+        domain: NotifyDomain,
+        senders: dict[str, ChannelSender],
+        renderer: Renderer,
+        links: LinkSigner,
+        index: WakeIndex,
+        *,
+        email_from: str,
+        concurrency: int,
+        round_size: int,
+        interval_s: float,
+        metrics=None,
+    ):
+        self.domain = domain
+        self.senders = senders
+        self.renderer = renderer
+        self.links = links
+        self.index = index
+        self.email_from = email_from
+        self.concurrency = concurrency
+        self.round_size = round_size
+        self.interval_s = interval_s
+        self.metrics = metrics
+        self.wake = asyncio.Event()
+        self._rebuild_all = True
+        self.host = None
+
+    # -- the loop --------------------------------------------------------------
+    async def __call__(self, host) -> None:
+        self.host = host
+        host.after_batch.append(lambda ok: self.wake.set())
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), self.interval_s)
+            self.wake.clear()
+            try:
+                while await self.round() >= self.round_size:
+                    pass  # more are due: go on without waiting
+            except (RedisError, OSError) as exc:
+                # Deliveries wait; the documents keep every pending message.
+                log.warning("delivery round failed (%s); the wake-up index is rebuilt when Redis answers", exc)
+                self._rebuild_all = True
+            except Exception:
+                log.exception("delivery round failed; retrying at the next interval")
+
+    async def round(self) -> int:
+        host = self.host
+        store: NotifyStore = host.store
+        parts = host.owned_partitions()
+        if not parts:
+            return 0
+        if store.schedule.stale:  # a new assignment: the previous owner may not have flushed
+            store.schedule.stale = False
+            self._rebuild_all = True
+        await self.flush()
+        todo = parts if self._rebuild_all else await self.index.unbuilt(parts)
+        if todo:
+            await self.rebuild(todo)
+            self._rebuild_all = False
+        now = host.clock.now()
+        ids = await self.index.due(parts, now, self.round_size)
+        if ids:
+            await self.process(ids, now)
+            await self.flush()
+        if self.metrics is not None:
+            self.metrics.scheduled.set(await self.index.size(parts))
+        return len(ids)
+
+    async def flush(self) -> None:
+        schedule = self.host.store.schedule
+        if not schedule.changes:
+            return
+        changes, schedule.changes = schedule.changes, {}
+        try:
+            await self.index.apply(changes, self.host.partition_of)
+        except BaseException:
+            schedule.changes = changes | schedule.changes  # newer values win
+            raise
+
+    async def rebuild(self, partitions: set[int]) -> None:
+        host = self.host
+        async with host.pipeline.lock:
+            entries: dict[int, list[tuple[str, datetime]]] = {}
+            for cid, when in await host.store.due_times():
+                p = host.partition_of(cid)
+                if p in partitions:
+                    entries.setdefault(p, []).append((cid, when))
+            await self.index.rebuild(partitions, entries)
+        log.info(
+            "wake-up index rebuilt for partitions %s: %d customers with pending messages",
+            sorted(partitions),
+            sum(len(v) for v in entries.values()),
+        )
+
+    # -- one round's work ----------------------------------------------------
+    async def process(self, ids: list[str], now: datetime) -> None:
+        host, domain = self.host, self.domain
+        async with host.pipeline.lock:
+            docs = await host.store.load([c for c in ids if host.owns(c)])
+            result = BatchResult()
+            for cid, doc in docs.items():
+                if doc.state is not None:
+                    state, derived = domain.revisit(doc.state, cid, now)
+                    _take(doc, state, derived)
+                    result.derived.extend(derived)
+            jobs = [(doc, job) for cid, doc in docs.items() for job in domain.queued(doc.state, cid)]
+            limit = asyncio.Semaphore(self.concurrency)
+
+            async def send(doc: CustomerDoc, job: Job):
+                async with limit:
+                    return await self.send(doc.state, job, now)
+
+            outcomes = await asyncio.gather(*(send(doc, job) for doc, job in jobs))
+            dead: list[DeadLetter] = []
+            for (doc, job), outcome in zip(jobs, outcomes, strict=True):
+                state, derived = domain.record(doc.state, doc.customer_id, job.request_id, outcome, now)
+                _take(doc, state, derived)
+                result.derived.extend(derived)
+                if isinstance(outcome, Failed) and not outcome.unreachable:
+                    dead.append(self._dead_letter(doc, job, outcome))
+            for doc in docs.values():
+                due = domain.due(doc.state, now)
+                if due != doc.due:
+                    doc.due, doc.dirty = due, True
+            result.docs_written = await host.store.save(docs.values())
+            result.published = await host.pipeline.publish(docs.values(), dead)
+        host.metrics.observe_sweep(host.spec.name, result, len(docs))
+        if any(d.due is not None and d.due <= now for d in docs.values()):
+            self.wake.set()  # e.g. a fallback to the other channel, queued just now
+
+    async def send(self, state: dict, job: Job, now: datetime) -> Sent | Failed:
+        contact = contact_of(state)
+        to = contact.address(job.channel)
+        started = time.perf_counter()
+        try:
+            ctx = message_context(state, job)
+            unsubscribe = self.links.unsubscribe_url(job.customer_id, "email") if job.channel == "email" else None
+            r = self.renderer.render(job.kind, ctx["locale"], ctx, unsubscribe)
+            msg = Outgoing(
+                channel=job.channel,
+                to=to or "",
+                customer_id=job.customer_id,
+                request_id=job.request_id,
+                subject=r.subject,
+                text=r.text,
+                html=r.html,
+                sms=r.sms,
+                sender=self.email_from,
+                message_id=f"<{job.request_id}.{job.channel}@crm.notify>",
+                unsubscribe_url=unsubscribe,
+                sent_at=now,
+            )
+            provider = await self.senders[job.channel].send(msg)
+        except AddressError as exc:
+            return Failed(job.channel, str(exc), permanent=True, unreachable=True)
+        except (RejectedError, RenderError) as exc:
+            return Failed(job.channel, str(exc), permanent=True)
+        except DeliveryError as exc:
+            return Failed(job.channel, str(exc), permanent=False)
+        except Exception as exc:  # a bug must not lose the message: it is dead-lettered for replay
+            log.exception("sending %s failed", job.request_id)
+            return Failed(job.channel, f"{type(exc).__name__}: {exc}", permanent=False)
+        if self.metrics is not None:
+            self.metrics.send_seconds.labels(job.channel).observe(time.perf_counter() - started)
+        return Sent(job.channel, provider, self._latency_ms(job))
+
+    def _latency_ms(self, job: Job) -> float | None:
+        """From the originating event (or the moment the message was allowed out) to now, on the wall clock."""
+        if not isinstance(self.host.clock, WallClock):
+            return None  # event time (a replay): wall-clock latency from a 1997 event means nothing
+        d = job.data
+        starts = [datetime.fromisoformat(t) for t in (d.get("created"), d.get("not_before"), d.get("hold_until")) if t]
+        ms = (datetime.now(UTC) - max(starts)).total_seconds() * 1000
+        if self.metrics is not None:
+            self.metrics.e2e.labels(job.channel).observe(max(ms, 0) / 1000)
+        return max(ms, 0.0)
+
+    def _dead_letter(self, doc: CustomerDoc, job: Job, outcome: Failed) -> DeadLetter:
+        # Forget the request's event id, so that replaying the dead letter is a new attempt.
+        if job.request_id in doc.seen_set:
+            doc.seen_set.discard(job.request_id)
+            doc.seen = [e for e in doc.seen if e != job.request_id]
+            doc.dirty = True
+        topic = self.host.common.topic(job.data["topic"])
+        rec = Record(topic, -1, -1, doc.customer_id.encode(), job.data["raw"].encode())
+        return DeadLetter(rec, f"delivery failed on {job.channel}: {outcome.error}", "notify")
+
+
+def _take(doc: CustomerDoc, state, derived) -> None:
+    if state is doc.state and not derived:
+        return
+    doc.state, doc.dirty = state, True
+    for d in derived:
+        doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))

@@ -1,0 +1,349 @@
+"""The notify service on the real embedded stack, delivering to a real SMTP server and the SMS gateway.
+
+Each scenario ends with the exact set of .eml files and SMS lines, parsed and checked.
+Event time drives the clock, so quiet hours happen when the events say it is night.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+
+from contracts.crm import (
+    CareRequested,
+    CareRequestedData,
+    ChannelConsents,
+    ProfileUpdated,
+    ProfileUpdatedData,
+    RetentionRequested,
+    RetentionRequestedData,
+)
+from services.notify.app import build
+from services.notify.settings import NotifySettings
+from services.runtime.cache import Cache
+from services.runtime.clock import EventClock
+from services.stack.sinks import read_mail, read_sms, sms_server, start_smtp
+from tests.support.backends import free_port
+from tests.support.kafka import eventually, produce, read_topic
+
+TOKEN = "notify-token-0123456789"
+INBOUND = "inbound-token-0123456789"
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+DAY1 = datetime(1997, 3, 3, 4, 0, tzinfo=UTC)  # 12:00 in Shanghai
+
+
+class Sinks:
+    def __init__(self, tmp: Path):
+        self.mail_dir = tmp / "mail"
+        self.sms_file = tmp / "sms.jsonl"
+        self.smtp_port, self.sms_port = free_port(), free_port()
+        self.refusals = 0  # SMTP DATA commands to refuse with 451 before accepting
+
+    def accept(self, _envelope):
+        if self.refusals > 0:
+            self.refusals -= 1
+            return "451 4.3.0 temporarily unable to accept, try again"
+        return None
+
+    def mail(self) -> list[EmailMessage]:
+        return read_mail(self.mail_dir)
+
+    def sms(self) -> list[dict]:
+        return read_sms(self.sms_file)
+
+
+@pytest.fixture
+async def sinks(tmp_path):
+    s = Sinks(tmp_path)
+    smtp = await start_smtp("127.0.0.1", s.smtp_port, s.mail_dir, accept=s.accept)
+    gateway = sms_server("127.0.0.1", s.sms_port, s.sms_file)
+    task = asyncio.create_task(gateway.serve())
+    await eventually(lambda: asyncio.sleep(0, gateway.started))
+    yield s
+    gateway.should_exit = True
+    await task
+    smtp.close()
+    await smtp.wait_closed()
+
+
+def settings_for(sinks: Sinks, **kw) -> NotifySettings:
+    values = {
+        "http_port": free_port(),
+        "api_token": TOKEN,
+        "encryption_keys": Fernet.generate_key().decode(),
+        "lookup_key": "lookup-key-0123456789",
+        "link_key": "link-key-0123456789",
+        "inbound_token": INBOUND,
+        "email_primary": f"smtp://127.0.0.1:{sinks.smtp_port}",
+        "sms_primary": f"http://127.0.0.1:{sinks.sms_port}/messages",
+        "send_base_delay_s": 0.05,
+        **kw,
+    }
+    values["public_url"] = f"http://127.0.0.1:{values['http_port']}"
+    return NotifySettings(**values)
+
+
+class Running:
+    def __init__(self, common, settings: NotifySettings):
+        self.common = common.model_copy(update={"sweep_interval_s": 0.2})
+        self.settings = settings
+        self.host = build(self.common, settings, clock=EventClock())
+        self.api = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{settings.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+
+    async def __aenter__(self):
+        self._http = asyncio.create_task(self.host.http.serve())
+        await self.host.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.api.aclose()
+        await self.host.stop()
+        self.host.http.should_exit = True
+        await self._http
+
+    async def send(self, *events, times: int = 1) -> None:
+        msgs = [(e.TOPIC, e.key(), e.to_bytes()) for e in events for _ in range(times)]
+        for topic in dict.fromkeys(t for t, _, _ in msgs):
+            await produce(
+                self.common.kafka_bootstrap,
+                self.common.topic(topic),
+                [(k, v, None) for t, k, v in msgs if t == topic],
+            )
+
+    async def view(self, cid: str) -> dict:
+        r = await self.api.get(f"/customers/{cid}")
+        return r.json() if r.status_code == 200 else {}
+
+    async def profile(self, cid: str, at: datetime, **kw) -> None:
+        """Publish a profile snapshot and wait until notify has it (requests on other topics race it)."""
+        ev = profile(cid, at, **kw)
+        await self.send(ev)
+        want = kw.get("consents", {"email": True, "sms": True})
+
+        async def seen():
+            v = await self.view(cid)
+            return v.get("known") and all(v["channels"][c]["consent"] == want[c] for c in want)
+
+        await eventually(seen)
+
+    async def notifications(self, expect: int, settle: float = 1.0) -> list[dict]:
+        topic = self.common.topic("crm.notifications")
+        records = await read_topic(self.common.kafka_bootstrap, topic, expect=expect, timeout=20, settle=settle)
+        return [json.loads(r.value) for r in records]
+
+
+def profile(cid: str, at: datetime, *, email: str | None = None, phone="+8613800000001", **kw) -> ProfileUpdated:
+    consents = kw.pop("consents", {"email": True, "sms": True})
+    data = {
+        "name": "王芳",
+        "email": email or f"{cid}@example.com",
+        "phone": phone,
+        "locale": "zh-CN",
+        "timezone": "Asia/Shanghai",
+        "preferred_channel": "sms",
+        "consents": ChannelConsents(**consents),
+        **kw,
+    }
+    return ProfileUpdated(
+        event_id=uuid.uuid4(), occurred_at=at, producer="profile", customer_id=cid, data=ProfileUpdatedData(**data)
+    )
+
+
+def care(cid: str, at: datetime, kind="first_purchase_thanks", purpose="transactional", **data) -> CareRequested:
+    return CareRequested(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="profile",
+        customer_id=cid,
+        data=CareRequestedData(kind=kind, purpose=purpose, template_data=data),
+    )
+
+
+async def test_channel_choice_consent_and_dedup_end_to_end(common, sinks):
+    async with Running(common, settings_for(sinks)) as n:
+        # A zh-CN customer who prefers SMS gets a Chinese SMS.
+        await n.profile("fang", DAY1)
+        first = care("fang", DAY1, order_id="o-100", total="25.00", currency="USD")
+        await n.send(first)
+        await eventually(lambda: asyncio.sleep(0, len(sinks.sms()) == 1))
+
+        # After revoking SMS, the next message goes by e-mail.
+        day2 = DAY1 + timedelta(days=1)
+        await n.profile("fang", day2, consents={"email": True, "sms": False})
+        ack = care("fang", day2, kind="complaint_acknowledgement", ticket_id="T-7")
+        await n.send(ack)
+        await eventually(lambda: asyncio.sleep(0, len(sinks.mail()) == 1))
+
+        # After revoking both, nothing is sent and a NotificationSuppressed says why.
+        day3 = day2 + timedelta(days=1)
+        await n.profile("fang", day3, consents={"email": False, "sms": False})
+        silent = care("fang", day3, kind="complaint_acknowledgement", ticket_id="T-8")
+        await n.send(silent)
+
+        # A request delivered three times sends once.
+        await n.profile("bob", day3, locale="en", preferred_channel="email", name="Bob", phone="+14155550100")
+        thrice = care("bob", day3, order_id="o-200", total="9.99", currency="USD")
+        await n.send(thrice, times=3)
+
+        events = await n.notifications(expect=4, settle=2.0)
+        outcomes = sorted((e["type"], e["data"]["request_id"], e["data"].get("channel")) for e in events)
+        assert outcomes == sorted(
+            [
+                ("NotificationSent", str(first.event_id), "sms"),
+                ("NotificationSent", str(ack.event_id), "email"),
+                ("NotificationSuppressed", str(silent.event_id), None),
+                ("NotificationSent", str(thrice.event_id), "email"),
+            ]
+        )
+        suppressed = next(e for e in events if e["type"] == "NotificationSuppressed")
+        assert suppressed["data"]["reason"] == "no consent on any channel"
+
+        # Exactly these messages went out.
+        (sms,) = sinks.sms()
+        assert sms["to"] == "+8613800000001" and sms["customer_id"] == "fang"
+        assert sms["request_id"] == str(first.event_id)
+        assert sms["body"] == "感谢您的首次购买（订单 o-100），王芳！"
+        mails = {m["X-CRM-Request-ID"]: m for m in sinks.mail()}
+        assert set(mails) == {str(ack.event_id), str(thrice.event_id)}
+        zh, en = mails[str(ack.event_id)], mails[str(thrice.event_id)]
+        assert zh["To"] == "fang@example.com" and str(zh["Subject"]) == "我们已收到您的反馈（T-7）"
+        assert zh.get_body(("plain",)).get_content().strip().startswith("王芳：")
+        assert "T-7" in zh.get_body(("html",)).get_content()
+        assert en["To"] == "bob@example.com" and str(en["Subject"]) == "Thank you for your first order"
+        assert "o-200" in en.get_body(("plain",)).get_content()
+        assert en["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert en["Message-ID"] == f"<{thrice.event_id}.email@crm.notify>"
+
+        # One-click unsubscribe (RFC 8058): a POST to the link publishes the opt-out for the profile.
+        url = en["List-Unsubscribe"].strip("<>")
+        async with httpx.AsyncClient() as anon:
+            assert (await anon.get(url)).status_code == 200  # a GET only shows the button
+            assert (
+                await anon.post(url.replace("t=", "t=x"), data={"List-Unsubscribe": "One-Click"})
+            ).status_code == 400
+            assert (await anon.post(url, data={"List-Unsubscribe": "One-Click"})).status_code == 200
+            # An inbound SMS "退订" opts the sender's number out of SMS.
+            inbound = f"http://127.0.0.1:{n.settings.http_port}/sms/inbound"
+            assert (await anon.post(inbound, json={"from": "+8613800000001", "body": "退订"})).status_code == 401
+            r = await anon.post(inbound, params={"token": INBOUND}, json={"from": "+8613800000001", "body": " 退订 "})
+            assert r.json() == {"action": "opted_out", "customer_id": "fang"}
+        consent = await read_topic(
+            n.common.kafka_bootstrap, n.common.topic("shop.interactions"), expect=2, timeout=10, settle=0.5
+        )
+        changes = sorted(
+            (e["customer_id"], e["data"]["channel"], e["data"]["granted"], e["data"]["source"])
+            for e in (json.loads(r.value) for r in consent)
+        )
+        assert changes == [("bob", "email", False, "one_click_unsubscribe"), ("fang", "sms", False, "sms_stop")]
+        metrics = (await n.api.get("/metrics")).text
+        assert 'crm_notify_notifications_total{channel="email",kind="first_purchase_thanks",outcome="sent"} 1.0' in (
+            metrics
+        )
+
+
+async def test_quiet_hours_defer_marketing_to_09h_local_and_survive_a_redis_loss(common, sinks):
+    async with Running(common, settings_for(sinks)) as n:
+        night = datetime(1997, 3, 3, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
+        await n.profile("mei", night - timedelta(minutes=5), preferred_channel="email")
+        offer = RetentionRequested(
+            event_id=uuid.uuid4(),
+            occurred_at=night,
+            producer="churn",
+            customer_id="mei",
+            data=RetentionRequestedData(
+                step=2,
+                kind="offer",
+                band="high",
+                template_data={"offer_percent": 15, "offer_valid_until": "1997-04-02"},
+            ),
+        )
+        await n.send(offer)
+
+        async def deferred():
+            v = await n.view("mei")
+            return [p for p in v.get("pending", []) if p["status"] == "deferred"]
+
+        (pending,) = await eventually(deferred)
+        assert pending["reason"] == "quiet hours in Asia/Shanghai"
+        assert datetime.fromisoformat(pending["wake"]).astimezone(SHANGHAI).hour == 9
+        await asyncio.sleep(1.0)
+        assert sinks.mail() == []
+
+        # Redis loses everything notify kept there; MongoDB still holds the deferred message.
+        cache = Cache(n.common, "notify")
+        assert await cache.delete_own_keys() >= 1
+        await cache.close()
+
+        # Time moves on through another customer's events: 09:00:30 in Shanghai.
+        morning = datetime(1997, 3, 4, 1, 0, 30, tzinfo=UTC)
+        await n.send(profile("ticker", morning))
+        await eventually(lambda: asyncio.sleep(0, len(sinks.mail()) == 1))
+        (sent,) = [e for e in await n.notifications(expect=1, settle=1.5) if e["type"] == "NotificationSent"]
+        (mail,) = sinks.mail()
+        assert mail["X-CRM-Request-ID"] == str(offer.event_id) and str(mail["Subject"]) == "专属优惠：15% 折扣"
+        local = datetime.fromisoformat(sent["occurred_at"]).astimezone(SHANGHAI)
+        assert (local.date().isoformat(), local.hour) == ("1997-03-04", 9), local
+        assert mail["Date"].datetime.astimezone(SHANGHAI).hour == 9
+        assert (await n.view("mei"))["marketing_sent"]["email"]  # counted against the cap
+
+
+async def test_an_smtp_server_that_fails_twice_then_accepts_delivers_once(common, sinks):
+    sinks.refusals = 2
+    async with Running(common, settings_for(sinks)) as n:
+        await n.profile("lin", DAY1, preferred_channel="email")
+        req = care("lin", DAY1, order_id="o-9")
+        await n.send(req)
+        events = await n.notifications(expect=1, settle=2.0)
+        assert [(e["type"], e["data"]["channel"]) for e in events] == [("NotificationSent", "email")]
+        (mail,) = sinks.mail()
+        assert mail["X-CRM-Request-ID"] == str(req.event_id)
+        assert sinks.refusals == 0
+        metrics = (await n.api.get("/metrics")).text
+        assert (
+            f'crm_notify_send_retries_total{{channel="email",provider="smtp://127.0.0.1:{sinks.smtp_port}"}} 2.0'
+            in (metrics)
+        )
+
+
+async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(common, sinks):
+    dead = free_port()  # nothing listens: connection refused, a transient error
+    settings = settings_for(
+        sinks,
+        email_primary=f"smtp://127.0.0.1:{dead}",
+        email_secondary=f"smtp://127.0.0.1:{sinks.smtp_port}",
+        send_attempts=2,
+    )
+    async with Running(common, settings) as n:
+        await n.profile("ana", DAY1, preferred_channel="email", locale="en")
+        via_secondary = care("ana", DAY1, order_id="o-1")
+        await n.send(via_secondary)
+        # An address the SMTP server refuses (550): the customer's SMS is used instead.
+        await n.profile("kai", DAY1, preferred_channel="email", email="kai@shop.invalid", phone="+8613800000009")
+        bounced = care("kai", DAY1, order_id="o-2")
+        await n.send(bounced)
+
+        events = await n.notifications(expect=3, settle=2.0)
+        got = sorted((e["type"], e["customer_id"], e["data"]["channel"], e["data"].get("provider")) for e in events)
+        gateway = f"http://127.0.0.1:{sinks.sms_port}"
+        assert got == [
+            ("NotificationFailed", "kai", "email", None),
+            ("NotificationSent", "ana", "email", f"smtp://127.0.0.1:{sinks.smtp_port}"),
+            ("NotificationSent", "kai", "sms", gateway),
+        ]
+        failed = next(e for e in events if e["type"] == "NotificationFailed")
+        assert failed["data"]["permanent"] is True and "550" in failed["data"]["error"]
+        assert [m["To"] for m in sinks.mail()] == ["ana@example.com"]
+        assert [(s["customer_id"], s["to"]) for s in sinks.sms()] == [("kai", "+8613800000009")]
+        view = await n.view("kai")
+        assert view["channels"]["email"]["unreachable"] is True

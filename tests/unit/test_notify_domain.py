@@ -1,0 +1,210 @@
+"""Notify's pure domain: requests become decisions, sends become outcomes, every one with its reason."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from contracts.crm import (
+    CareRequested,
+    CareRequestedData,
+    ChannelConsents,
+    CustomerErased,
+    CustomerErasedData,
+    ProfileUpdated,
+    ProfileUpdatedData,
+    RetentionRequested,
+    RetentionRequestedData,
+)
+from services.notify.domain import Failed, NotifyDomain, NotifyRules, Sent, message_context
+
+CID = "c-1"
+# 12:00 in Shanghai.
+NOON = datetime(1997, 3, 3, 4, 0, tzinfo=UTC)
+
+
+def profile(at=NOON, *, email=True, sms=True, preferred="sms", locale="zh-CN", phone="+8613800000001", **kw):
+    return ProfileUpdated(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="profile",
+        customer_id=CID,
+        data=ProfileUpdatedData(
+            name="王芳",
+            email="wang@example.com",
+            phone=phone,
+            locale=locale,
+            timezone="Asia/Shanghai",
+            preferred_channel=preferred,
+            consents=ChannelConsents(email=email, sms=sms),
+            **kw,
+        ),
+    )
+
+
+def care(at=NOON, kind="first_purchase_thanks", purpose="transactional", **kw):
+    return CareRequested(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="profile",
+        customer_id=CID,
+        data=CareRequestedData(kind=kind, purpose=purpose, template_data={"order_id": "o-1"}, **kw),
+    )
+
+
+def offer(at=NOON):
+    return RetentionRequested(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="churn",
+        customer_id=CID,
+        data=RetentionRequestedData(step=2, kind="offer", band="high", template_data={"offer_percent": 15}),
+    )
+
+
+def run(domain, events, now=None):
+    state, out = None, []
+    for ev in events:
+        state, derived = domain.apply(state, ev, now or ev.occurred_at)
+        out.extend(derived)
+    return state, out
+
+
+def only_job(domain, state):
+    (job,) = domain.queued(state, CID)
+    return job
+
+
+def test_a_transactional_request_goes_out_on_the_preferred_channel_once():
+    d = NotifyDomain()
+    req = care()
+    state, out = run(d, [profile(), req])
+    assert out == []
+    job = only_job(d, state)
+    assert (job.channel, job.kind, job.purpose) == ("sms", "first_purchase_thanks", "transactional")
+    assert d.due(state, NOON) == NOON  # queued: due at once
+
+    state, out = d.record(state, CID, job.request_id, Sent("sms", "http://gw"), NOON)
+    assert [e.type for e in out] == ["NotificationSent"]
+    assert out[0].data.channel == "sms" and out[0].causation_id == req.event_id
+    assert d.queued(state, CID) == [] and d.due(state, NOON) is None
+    # The same request again (beyond the pipeline's event-id window) does nothing.
+    again, out = d.apply(state, req, NOON)
+    assert again is state and out == []
+    # And a second record of the same outcome is ignored.
+    assert d.record(state, CID, job.request_id, Sent("sms", "x"), NOON) == (state, [])
+
+
+def test_marketing_at_23h_local_waits_for_09h_and_transactional_does_not():
+    d = NotifyDomain()
+    late = datetime(1997, 3, 3, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
+    state, _ = run(d, [profile(), offer(late)])
+    assert d.queued(state, CID) == []
+    opens = datetime(1997, 3, 4, 1, 0, tzinfo=UTC)  # 09:00 local
+    assert d.due(state, late) == opens
+    (job,) = state["jobs"].values()
+    assert job["status"] == "deferred" and job["reason"] == "quiet hours in Asia/Shanghai"
+
+    same, out = d.revisit(state, CID, opens - timedelta(minutes=1))
+    assert same is state and out == []
+    state, out = d.revisit(state, CID, opens)
+    job = only_job(d, state)
+    assert job.kind == "retention_offer" and job.channel == "sms" and out == []
+
+    state, _ = run(d, [profile(), care(late, kind="complaint_acknowledgement")])
+    assert only_job(d, state).kind == "complaint_acknowledgement"
+
+
+def test_frequency_caps_suppress_marketing_with_a_reason_but_not_transactional():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(), offer()])
+    job = only_job(d, state)
+    state, _ = d.record(state, CID, job.request_id, Sent("sms", "gw"), NOON)
+    state, out = d.apply(state, offer(NOON + timedelta(hours=2)), NOON + timedelta(hours=2))
+    assert [e.type for e in out] == ["NotificationSuppressed"]
+    assert out[0].data.reason.startswith("frequency cap: 1 marketing message(s) in the last 24 hours")
+    state, out = d.apply(state, care(NOON + timedelta(hours=3)), NOON + timedelta(hours=3))
+    assert out == [] and only_job(d, state).kind == "first_purchase_thanks"
+
+
+def test_a_request_waits_for_contact_details_then_is_decided():
+    d = NotifyDomain(NotifyRules(contact_wait=timedelta(minutes=30)))
+    state, out = run(d, [care()])
+    assert out == [] and d.queued(state, CID) == []
+    assert d.due(state, NOON) == NOON + timedelta(minutes=30)
+    state, out = d.apply(state, profile(NOON + timedelta(minutes=1)), NOON + timedelta(minutes=1))
+    assert only_job(d, state).channel == "sms"
+
+    lonely, _ = run(d, [care()])
+    lonely, out = d.revisit(lonely, CID, NOON + timedelta(minutes=30))
+    assert [e.data.reason for e in out] == ["no contact details known for this customer"]
+    assert lonely["jobs"] == {}
+
+
+def test_consent_decides_the_channel_and_no_consent_suppresses():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(sms=False), care()])
+    assert only_job(d, state).channel == "email"
+    state, out = run(d, [profile(sms=False, email=False), care()])
+    assert [(e.type, e.data.reason) for e in out] == [("NotificationSuppressed", "no consent on any channel")]
+
+
+def test_an_invalid_address_falls_back_to_the_other_channel_and_frees_the_cap():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(), offer()])
+    job = only_job(d, state)
+    assert state["marketing_sent"]["sms"] == [NOON.isoformat()]
+    state, out = d.record(state, CID, job.request_id, Failed("sms", "invalid number", True, True), NOON)
+    assert [(e.type, e.data.permanent) for e in out] == [("NotificationFailed", True)]
+    assert state["unreachable"] == ["sms"] and state["marketing_sent"]["sms"] == []
+    assert only_job(d, state).channel == "email"
+    # A new phone number gets a fresh chance.
+    state, _ = d.apply(state, profile(phone="+8613800000002"), NOON)
+    assert state["unreachable"] == []
+
+
+def test_exhausted_retries_drop_the_job_without_remembering_it_so_a_replay_retries():
+    d = NotifyDomain()
+    req = care()
+    state, _ = run(d, [profile(), req])
+    job = only_job(d, state)
+    state, out = d.record(state, CID, job.request_id, Failed("sms", "timeout", False), NOON)
+    assert [(e.type, e.data.permanent) for e in out] == [("NotificationFailed", False)]
+    assert state["jobs"] == {} and state["unreachable"] == []
+    state, _ = d.apply(state, req, NOON + timedelta(minutes=5))
+    assert only_job(d, state).request_id == str(req.event_id)
+
+
+def test_erasure_suppresses_pending_messages_and_every_later_one():
+    d = NotifyDomain()
+    late = datetime(1997, 3, 3, 15, 0, tzinfo=UTC)
+    state, _ = run(d, [profile(), offer(late)])
+    erase = CustomerErased(
+        event_id=uuid.uuid4(),
+        occurred_at=late,
+        producer="profile",
+        customer_id=CID,
+        data=CustomerErasedData(request_id="r-1"),
+    )
+    state, out = d.apply(state, erase, late)
+    assert [e.data.reason for e in out] == ["customer erased"]
+    assert state["contact"] == {} and state["erased"]
+    state, out = d.apply(state, care(late), late)
+    assert [e.data.reason for e in out] == ["customer erased"]
+
+
+def test_stale_marketing_is_not_sent():
+    d = NotifyDomain(NotifyRules(marketing_max_age=timedelta(days=2)))
+    state, out = run(d, [profile(), offer()], now=NOON + timedelta(days=3))
+    assert state["jobs"] == {}
+    assert [e.data.reason for e in out if e.type == "NotificationSuppressed"] == [
+        "expired: the moment for this message has passed"
+    ]
+
+
+def test_the_template_sees_the_request_data_over_the_profile():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(value_tier="vip", top_categories=["jazz"]), care()])
+    ctx = message_context(state, only_job(d, state))
+    assert ctx["name"] == "王芳" and ctx["order_id"] == "o-1" and ctx["top_categories"] == ["jazz"]
+    assert ctx["tier"] == "vip" and ctx["locale"] == "zh-CN"
