@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from html import escape
+from urllib.parse import parse_qs
 
 import httpx
 from prometheus_client import Counter, Gauge, Histogram
@@ -87,17 +89,17 @@ def routes(host: ServiceHost, settings: NotifySettings, links: LinkSigner) -> li
         cid, channel, token = q.get("c", ""), q.get("ch", "email"), q.get("t", "")
         if not cid or channel not in ("email", "sms") or not links.valid(cid, channel, token):
             return None
-        return cid, channel, token
+        return cid, channel
 
     async def unsubscribe(request: Request) -> Response:
         link = _link(request)
         if link is None:
             return HTMLResponse("<p>This unsubscribe link is not valid.</p>", status_code=400)
-        cid, channel, token = link
+        cid, channel = link
         if request.method == "GET":
             # A GET never unsubscribes: mail scanners follow links (RFC 8058 asks for a POST).
             return HTMLResponse(
-                f"<form method='post' action='/unsubscribe?c={escape(cid)}&ch={channel}&t={escape(token)}'>"
+                f"<form method='post' action='{escape(links.unsubscribe_path(cid, channel))}'>"
                 "<input type='hidden' name='List-Unsubscribe' value='One-Click'>"
                 f"<button>Unsubscribe from {channel} messages / 退订</button></form>"
             )
@@ -106,7 +108,7 @@ def routes(host: ServiceHost, settings: NotifySettings, links: LinkSigner) -> li
 
     async def sms_inbound(request: Request) -> Response:
         given = request.query_params.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
-        if not inbound_token or given != inbound_token:
+        if not inbound_token or not hmac.compare_digest(given.encode(), inbound_token.encode()):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -115,8 +117,9 @@ def routes(host: ServiceHost, settings: NotifySettings, links: LinkSigner) -> li
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"error": "expected JSON {from, body[, id]}"}, status_code=400)
         else:  # the Twilio webhook form
-            form = await request.form()
-            sender, text, msg_id = str(form.get("From", "")), str(form.get("Body", "")), form.get("MessageSid")
+            form = parse_qs((await request.body()).decode("utf-8", "replace"))
+            sender, text = form.get("From", [""])[0], form.get("Body", [""])[0]
+            msg_id = form.get("MessageSid", [None])[0]
         if text.strip().upper() not in STOP_WORDS:
             return JSONResponse({"action": "ignored"})
         cid = await store.find_by_contact(phone=sender)
@@ -218,5 +221,6 @@ def build(
         metrics=metrics,
     )
     host.background.append(deliverer)
-    host.on_stop.extend([client.aclose, cache.close])
+    closers = [p.close for sender in channel_senders.values() for p in sender.providers if hasattr(p, "close")]
+    host.on_stop.extend([*closers, client.aclose, cache.close])
     return host

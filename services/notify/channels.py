@@ -17,7 +17,10 @@ primary provider, then fails over to the secondary.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import ssl
 from dataclasses import dataclass
 from datetime import datetime
 from email.message import EmailMessage
@@ -103,7 +106,10 @@ def _display(url: str) -> str:
 
 
 class SmtpProvider:
-    def __init__(self, url: str, timeout: float = 10.0):
+    """SMTP with a small pool of open connections: a local or relay server takes many
+    messages per connection, and a new handshake per message costs more than the message."""
+
+    def __init__(self, url: str, timeout: float = 10.0, pool_size: int = 8):
         u = urlsplit(url)
         if u.scheme not in ("smtp", "smtps") or not u.hostname:
             raise ValueError(f"not an SMTP provider URL: {_display(url)} (use smtp://host:port or smtps://)")
@@ -115,30 +121,69 @@ class SmtpProvider:
         self.use_tls = u.scheme == "smtps"
         self.start_tls = (q.get("starttls", ["false"])[0].lower() in ("1", "true", "yes")) or None
         self.timeout = timeout
+        self.pool_size = pool_size
+        self._idle: list[aiosmtplib.SMTP] = []
+        self._slots: asyncio.Semaphore | None = None  # made in the running loop
+
+    async def _connect(self) -> aiosmtplib.SMTP:
+        client = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=self.port,
+            username=self.username,
+            password=self.password,
+            use_tls=self.use_tls,
+            start_tls=self.start_tls,
+            timeout=self.timeout,
+        )
+        await client.connect()  # STARTTLS and login too, when configured
+        return client
 
     async def send(self, msg: Outgoing) -> None:
-        try:
-            await aiosmtplib.send(
-                mime(msg),
-                hostname=self.host,
-                port=self.port,
-                username=self.username,
-                password=self.password,
-                use_tls=self.use_tls,
-                start_tls=self.start_tls,
-                timeout=self.timeout,
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            first = exc.recipients[0]
-            if all(r.code >= 500 for r in exc.recipients):
-                raise AddressError(f"recipient refused: {first.code} {first.message}") from None
-            raise TransientError(f"recipient deferred: {first.code} {first.message}") from None
-        except aiosmtplib.SMTPResponseException as exc:
-            if 400 <= exc.code < 500:
-                raise TransientError(f"SMTP {exc.code} {exc.message}") from None
-            raise RejectedError(f"SMTP {exc.code} {exc.message}") from None
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.pool_size)
+        async with self._slots:
+            client = self._idle.pop() if self._idle else None
+            reused = client is not None and client.is_connected
+            try:
+                if not reused:
+                    client = await self._connect()
+                try:
+                    await client.send_message(mime(msg))
+                except aiosmtplib.SMTPServerDisconnected:
+                    if not reused:
+                        raise
+                    # The server closed an idle pooled connection: one fresh try, not a retry.
+                    client = await self._connect()
+                    await client.send_message(mime(msg))
+            except BaseException as exc:
+                if client is not None:
+                    client.close()  # after an error the session state is unknown: never reuse it
+                _raise_classified(exc)
+            self._idle.append(client)
+
+    async def close(self) -> None:
+        while self._idle:
+            client = self._idle.pop()
+            with contextlib.suppress(Exception):
+                await client.quit()
+
+
+def _raise_classified(exc: BaseException) -> None:
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        first = exc.recipients[0]
+        if all(r.code >= 500 for r in exc.recipients):
+            raise AddressError(f"recipient refused: {first.code} {first.message}") from None
+        raise TransientError(f"recipient deferred: {first.code} {first.message}") from None
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if 400 <= exc.code < 500:
+            raise TransientError(f"SMTP {exc.code} {exc.message}") from None
+        raise RejectedError(f"SMTP {exc.code} {exc.message}") from None
+    if isinstance(exc, aiosmtplib.SMTPNotSupported | ssl.SSLError):
+        # Configuration (STARTTLS not offered, a certificate): retrying will not help.
+        raise RejectedError(f"{type(exc).__name__}: {exc}") from None
+    if isinstance(exc, aiosmtplib.SMTPException | OSError | TimeoutError):
+        raise TransientError(f"{type(exc).__name__}: {exc}") from None
+    raise exc
 
 
 def _http_error(resp: httpx.Response, address_codes: set[int] = frozenset()) -> DeliveryError:
@@ -148,9 +193,10 @@ def _http_error(resp: httpx.Response, address_codes: set[int] = frozenset()) -> 
     if resp.status_code == 422:
         return AddressError(f"HTTP 422: {text}")
     try:
-        code = resp.json().get("code")
+        body = resp.json()
     except ValueError:
-        code = None
+        body = None
+    code = body.get("code") if isinstance(body, dict) else None
     if code in address_codes:
         return AddressError(f"HTTP {resp.status_code} code {code}: {text}")
     return RejectedError(f"HTTP {resp.status_code}: {text}")

@@ -44,7 +44,7 @@ from services.runtime.crypto import LookupHasher
 from services.runtime.lookups import LookupStateStore
 from services.runtime.pipeline import BatchResult
 from services.runtime.records import DeadLetter, Record
-from services.runtime.statestore import Codec, CustomerDoc, OutboxEntry, Schedule
+from services.runtime.statestore import Codec, CustomerDoc, OutboxEntry, Schedule, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,15 @@ class WakeIndex:
         await pipe.execute()
 
     async def due(self, partitions: set[int], now: datetime, limit: int) -> list[str]:
-        out: list[str] = []
+        """Up to `limit` due customers, an equal share from each partition (none starves the others)."""
+        share = max(1, -(-limit // max(len(partitions), 1)))
+        pipe = self.redis.pipeline(transaction=False)
         for p in sorted(partitions):
-            got = await self.redis.zrangebyscore(self.key(p), "-inf", now.timestamp(), start=0, num=limit)
+            pipe.zrangebyscore(self.key(p), "-inf", now.timestamp(), start=0, num=share)
+        out: list[str] = []
+        for got in await pipe.execute():
             out.extend(m.decode() if isinstance(m, bytes) else m for m in got)
-        return out[:limit]
+        return out
 
     async def size(self, partitions: set[int]) -> int:
         pipe = self.redis.pipeline(transaction=False)
@@ -133,7 +137,19 @@ def _chunks(items: list, n: int):
 
 
 class Deliverer:
-    """The delivery rounds of one replica (a background job of the service host)."""
+    """The delivery rounds of one replica (a background job of the service host).
+
+    A round runs in three steps, all under the host's revoke guard, so partitions never move
+    (and the service never stops) while messages are out and their outcomes unrecorded:
+
+      1. under the pipeline lock: load the due customers, let the domain decide their jobs
+         again (consent, quiet hours, caps as they are now), write, publish;
+      2. without the pipeline lock (batches go on): render and send the queued jobs;
+      3. under the pipeline lock: record the outcomes, write, publish, dead-letter.
+
+    Outcomes that could not be written are kept and recorded first in the next round,
+    so a store error after a send does not send again.
+    """
 
     def __init__(
         self,
@@ -147,6 +163,7 @@ class Deliverer:
         concurrency: int,
         round_size: int,
         interval_s: float,
+        rebuild_interval_s: float = 600.0,
         metrics=None,
     ):
         self.domain = domain
@@ -158,9 +175,12 @@ class Deliverer:
         self.concurrency = concurrency
         self.round_size = round_size
         self.interval_s = interval_s
+        self.rebuild_interval_s = rebuild_interval_s
         self.metrics = metrics
         self.wake = asyncio.Event()
         self._rebuild_all = True
+        self._last_rebuild = 0.0
+        self._unrecorded: list[tuple[Job, Sent | Failed, datetime]] = []
         self.host = None
 
     # -- the loop --------------------------------------------------------------
@@ -172,8 +192,8 @@ class Deliverer:
                 await asyncio.wait_for(self.wake.wait(), self.interval_s)
             self.wake.clear()
             try:
-                while await self.round() >= self.round_size:
-                    pass  # more are due: go on without waiting
+                while await self.round():
+                    pass  # more were due: go on without waiting
             except (RedisError, OSError) as exc:
                 # Deliveries wait; the documents keep every pending message.
                 log.warning("delivery round failed (%s); the wake-up index is rebuilt when Redis answers", exc)
@@ -181,28 +201,31 @@ class Deliverer:
             except Exception:
                 log.exception("delivery round failed; retrying at the next interval")
 
-    async def round(self) -> int:
+    async def round(self) -> bool:
+        """One round; whether it made progress on a full set of due customers (so go on)."""
         host = self.host
-        store: NotifyStore = host.store
-        parts = host.owned_partitions()
-        if not parts:
-            return 0
-        if store.schedule.stale:  # a new assignment: the previous owner may not have flushed
-            store.schedule.stale = False
-            self._rebuild_all = True
-        await self.flush()
-        todo = parts if self._rebuild_all else await self.index.unbuilt(parts)
-        if todo:
-            await self.rebuild(todo)
-            self._rebuild_all = False
-        now = host.clock.now()
-        ids = await self.index.due(parts, now, self.round_size)
-        if ids:
-            await self.process(ids, now)
+        async with host.revoke_guard:
+            parts = host.owned_partitions()
+            if not parts:
+                return False
+            if host.store.schedule.stale:  # a new assignment: the previous owner may not have flushed
+                host.store.schedule.stale = False
+                self._rebuild_all = True
+            if time.monotonic() - self._last_rebuild > self.rebuild_interval_s:
+                self._rebuild_all = True  # also heals a Redis that lost recent writes but kept the marker
             await self.flush()
-        if self.metrics is not None:
-            self.metrics.scheduled.set(await self.index.size(parts))
-        return len(ids)
+            todo = parts if self._rebuild_all else await self.index.unbuilt(parts)
+            if todo:
+                await self.rebuild(todo)
+                self._rebuild_all = False
+            now = host.clock.now()
+            ids = await self.index.due(parts, now, self.round_size)
+            if ids or self._unrecorded:
+                await self.process(ids, now)
+                await self.flush()
+            if self.metrics is not None:
+                self.metrics.scheduled.set(await self.index.size(parts))
+            return len(ids) >= self.round_size
 
     async def flush(self) -> None:
         schedule = self.host.store.schedule
@@ -216,6 +239,7 @@ class Deliverer:
             raise
 
     async def rebuild(self, partitions: set[int]) -> None:
+        """The partitions' index from MongoDB. Under the lock: no write may slip between scan and index."""
         host = self.host
         async with host.pipeline.lock:
             entries: dict[int, list[tuple[str, datetime]]] = {}
@@ -224,6 +248,7 @@ class Deliverer:
                 if p in partitions:
                     entries.setdefault(p, []).append((cid, when))
             await self.index.rebuild(partitions, entries)
+        self._last_rebuild = time.monotonic()
         log.info(
             "wake-up index rebuilt for partitions %s: %d customers with pending messages",
             sorted(partitions),
@@ -233,38 +258,98 @@ class Deliverer:
     # -- one round's work ----------------------------------------------------
     async def process(self, ids: list[str], now: datetime) -> None:
         host, domain = self.host, self.domain
+        epoch = host.assignment_epoch
         async with host.pipeline.lock:
-            docs = await host.store.load([c for c in ids if host.owns(c)])
             result = BatchResult()
-            for cid, doc in docs.items():
-                if doc.state is not None:
-                    state, derived = domain.revisit(doc.state, cid, now)
-                    _take(doc, state, derived)
-                    result.derived.extend(derived)
-            jobs = [(doc, job) for cid, doc in docs.items() for job in domain.queued(doc.state, cid)]
-            limit = asyncio.Semaphore(self.concurrency)
-
-            async def send(doc: CustomerDoc, job: Job):
-                async with limit:
-                    return await self.send(doc.state, job, now)
-
-            outcomes = await asyncio.gather(*(send(doc, job) for doc, job in jobs))
             dead: list[DeadLetter] = []
-            for (doc, job), outcome in zip(jobs, outcomes, strict=True):
-                state, derived = domain.record(doc.state, doc.customer_id, job.request_id, outcome, now)
-                _take(doc, state, derived)
-                result.derived.extend(derived)
-                if isinstance(outcome, Failed) and not outcome.unreachable:
-                    dead.append(self._dead_letter(doc, job, outcome))
-            for doc in docs.values():
-                due = domain.due(doc.state, now)
-                if due != doc.due:
-                    doc.due, doc.dirty = due, True
-            result.docs_written = await host.store.save(docs.values())
-            result.published = await host.pipeline.publish(docs.values(), dead)
-        host.metrics.observe_sweep(host.spec.name, result, len(docs))
+            earlier, self._unrecorded = self._unrecorded, []
+            try:
+                docs = await self._load([c for c in ids if host.owns(c)] + [j.customer_id for j, _, _ in earlier])
+                self._record(docs, earlier, result, dead)
+                for cid, doc in docs.items():
+                    if doc.state is not None:
+                        state, derived = domain.revisit(doc.state, cid, now)
+                        _take(doc, state, derived)
+                        result.derived.extend(derived)
+                jobs = [(doc, job) for cid, doc in docs.items() for job in domain.queued(doc.state, cid)]
+                snapshots = {doc.customer_id: doc.state for doc, _ in jobs}
+                self._refresh_due(docs, ids, now)
+                await self._write(docs, result, dead)
+            except Exception:
+                self._unrecorded = earlier + self._unrecorded
+                raise
+
+        limit = asyncio.Semaphore(self.concurrency)
+
+        async def send(job: Job):
+            async with limit:
+                return await self.send(snapshots[job.customer_id], job, now)
+
+        outcomes = await asyncio.gather(*(send(job) for _, job in jobs))
+
+        async with host.pipeline.lock:
+            if host.assignment_epoch != epoch:  # only if a revocation outwaited the guard
+                log.error("partitions moved while %d messages were out; their outcomes are not recorded", len(jobs))
+                return
+            result = BatchResult()
+            dead: list[DeadLetter] = []
+            recorded = [(job, outcome, now) for (_, job), outcome in zip(jobs, outcomes, strict=True)]
+            docs = await self._load([job.customer_id for job, _, _ in recorded])
+            self._record(docs, recorded, result, dead)
+            self._refresh_due(docs, [], now)
+            try:
+                await self._write(docs, result, dead)
+            except Exception:
+                self._unrecorded.extend(recorded)  # recorded first next round; nothing is sent twice
+                raise
+        host.metrics.observe_sweep(host.spec.name, result, len(ids))
         if any(d.due is not None and d.due <= now for d in docs.values()):
             self.wake.set()  # e.g. a fallback to the other channel, queued just now
+
+    async def _load(self, ids: list[str]) -> dict[str, CustomerDoc]:
+        host = self.host
+        return await with_backoff(
+            lambda: host.store.load(list(dict.fromkeys(ids))),
+            attempts=host.common.retry_attempts,
+            base_delay=host.common.retry_base_delay_s,
+            what="store read",
+        )
+
+    def _record(self, docs, recorded, result: BatchResult, dead: list[DeadLetter]) -> None:
+        for job, outcome, at in recorded:
+            doc = docs[job.customer_id]
+            pending = self.domain.pending(doc.state, job)
+            state, derived = self.domain.record(doc.state, job, outcome, at)
+            _take(doc, state, derived)
+            result.derived.extend(derived)
+            if isinstance(outcome, Failed) and not outcome.unreachable and pending:
+                dead.append(self._dead_letter(doc, job, outcome))
+
+    def _refresh_due(self, docs: dict[str, CustomerDoc], ids: list[str], now: datetime) -> None:
+        for doc in docs.values():
+            due = self.domain.due(doc.state, now)
+            if due != doc.due:
+                doc.due, doc.dirty = due, True
+        # Every id taken from the index gets its true due time written back (even when
+        # unchanged, or None for customers not ours), so a stale entry cannot come back forever.
+        schedule = self.host.store.schedule
+        for cid in ids:
+            doc = docs.get(cid)
+            schedule.changes[cid] = doc.due if doc is not None else None
+
+    async def _write(self, docs, result: BatchResult, dead: list[DeadLetter]) -> None:
+        host = self.host
+        common = host.common
+        if dead:
+            # Before the write that drops the jobs: if this fails, the next round records them again.
+            result.published += await host.pipeline.publish([], dead)
+        result.docs_written = await with_backoff(
+            lambda: host.store.save(docs.values()),
+            attempts=common.retry_attempts,
+            base_delay=common.retry_base_delay_s,
+            what="store write",
+        )
+        result.published += await host.pipeline.publish(docs.values(), [])
 
     async def send(self, state: dict, job: Job, now: datetime) -> Sent | Failed:
         contact = contact_of(state)
@@ -308,10 +393,10 @@ class Deliverer:
             return None  # event time (a replay): wall-clock latency from a 1997 event means nothing
         d = job.data
         starts = [datetime.fromisoformat(t) for t in (d.get("created"), d.get("not_before"), d.get("hold_until")) if t]
-        ms = (datetime.now(UTC) - max(starts)).total_seconds() * 1000
+        ms = max((datetime.now(UTC) - max(starts)).total_seconds() * 1000, 0.0)
         if self.metrics is not None:
-            self.metrics.e2e.labels(job.channel).observe(max(ms, 0) / 1000)
-        return max(ms, 0.0)
+            self.metrics.e2e.labels(job.channel).observe(ms / 1000)
+        return ms
 
     def _dead_letter(self, doc: CustomerDoc, job: Job, outcome: Failed) -> DeadLetter:
         # Forget the request's event id, so that replaying the dead letter is a new attempt.

@@ -123,7 +123,8 @@ class NotifyDomain:
             st = _copy(state)
             self._project(st, event)
             out: list[Event] = []
-            self._revisit(st, event.customer_id, now, out, waiting_only=True)
+            # New consent, addresses or channel preference: jobs not yet sent are decided again.
+            self._revisit(st, event.customer_id, now, out, statuses=("waiting", "queued"))
             return st, out
         if isinstance(event, CustomerErased):
             return self._erase(state, event, now)
@@ -188,22 +189,24 @@ class NotifyDomain:
 
     # -- time -----------------------------------------------------------------
     def revisit(self, state, customer_id: str, now: datetime):
-        """Move on every waiting or deferred job whose time has come."""
-        if not state or not any(
-            j["status"] in ("waiting", "deferred") and _ts(j["wake"]) <= now for j in state["jobs"].values()
-        ):
+        """Decide again every job whose time has come, queued ones included: right before a send,
+        consent, quiet hours and caps are checked as they are now, not as they were when queued."""
+        if not state or not any(_ts(j["wake"]) <= now for j in state["jobs"].values()):
             return state, []
         st = _copy(state)
         out: list[Event] = []
-        self._revisit(st, customer_id, now, out, waiting_only=False)
+        self._revisit(st, customer_id, now, out, statuses=("waiting", "deferred", "queued"), due_only=True)
+        if st["jobs"] == state["jobs"] and not out:
+            return state, []
         return st, out
 
-    def _revisit(self, st, cid: str, now: datetime, out: list[Event], *, waiting_only: bool) -> None:
+    def _revisit(self, st, cid, now: datetime, out: list[Event], *, statuses, due_only: bool = False) -> None:
         for job in list(st["jobs"].values()):
-            if job["status"] == "waiting" or (
-                not waiting_only and job["status"] == "deferred" and _ts(job["wake"]) <= now
-            ):
-                self._decide(st, cid, job, now, out)
+            if job["status"] not in statuses or (due_only and _ts(job["wake"]) > now):
+                continue
+            if job["status"] == "queued":
+                _uncount(st, job, job["channel"])  # counted again if it is queued again
+            self._decide(st, cid, job, now, out)
 
     def due(self, state, now: datetime) -> datetime | None:
         """When a job next needs attention: queued ones at once, the others at their wake time."""
@@ -269,25 +272,50 @@ class NotifyDomain:
         out.append(_suppressed(cid, job, reason, now, channel))
 
     # -- outcomes of a send ---------------------------------------------------
-    def record(self, state, customer_id: str, rid: str, outcome: Sent | Failed, now: datetime):
-        job = (state or {}).get("jobs", {}).get(rid)
-        if job is None or job["status"] != "queued":
+    @staticmethod
+    def pending(state, job: Job) -> bool:
+        """Whether the job is still queued on the channel it was sent on (nothing changed meanwhile)."""
+        current = ((state or {}).get("jobs") or {}).get(job.request_id)
+        return current is not None and current["status"] == "queued" and current["channel"] == job.channel
+
+    def record(self, state, job: Job, outcome: Sent | Failed, now: datetime):
+        """What a send came to. The job may have been decided again while it was being sent."""
+        if not state:
             return state, []
-        st = _copy(state)
-        job = st["jobs"][rid]
-        out: list[Event] = []
+        rid, cid = job.request_id, job.customer_id
+        key = f"{rid}:{outcome.channel}"
         if isinstance(outcome, Sent):
-            st["jobs"].pop(rid)
-            _remember(st, f"{rid}:{outcome.channel}")
+            if key in state["done"]:
+                return state, []  # recorded already
+            st = _copy(state)
+            # Whatever happened meanwhile, it was sent: the request is done, on every channel.
+            current = st["jobs"].pop(rid, None)
+            if current is not None and current["status"] == "queued" and current["channel"] != outcome.channel:
+                _uncount(st, current, current["channel"])
+            _remember(st, key)
             data = NotificationSentData(
                 request_id=rid,
-                kind=job["kind"],
+                kind=job.kind,
                 channel=outcome.channel,
                 provider=outcome.provider,
                 latency_ms=outcome.latency_ms,
             )
-            out.append(_outcome(NotificationSent, customer_id, job, data, outcome.channel, now))
-            return st, out
+            return st, [_outcome(NotificationSent, cid, job.data, data, outcome.channel, now)]
+        st = _copy(state)
+        out: list[Event] = []
+        if outcome.unreachable and outcome.channel not in st["unreachable"]:
+            st["unreachable"] = [*st["unreachable"], outcome.channel]
+        data = NotificationFailedData(
+            request_id=rid,
+            kind=job.kind,
+            channel=outcome.channel,
+            error=outcome.error[:200],
+            permanent=outcome.permanent,
+        )
+        out.append(_outcome(NotificationFailed, cid, job.data, data, outcome.channel, now))
+        if not self.pending(state, job):
+            return st, out  # decided again meanwhile: that decision stands
+        job = st["jobs"][rid]
         _uncount(st, job, outcome.channel)
         data = NotificationFailedData(
             request_id=rid,
@@ -296,12 +324,9 @@ class NotifyDomain:
             error=outcome.error[:200],
             permanent=outcome.permanent,
         )
-        out.append(_outcome(NotificationFailed, customer_id, job, data, outcome.channel, now))
         if outcome.unreachable:
-            # The address is wrong: stop using it, and try the customer's other channel.
-            if outcome.channel not in st["unreachable"]:
-                st["unreachable"] = [*st["unreachable"], outcome.channel]
-            self._decide(st, customer_id, job, now, out)
+            # The address is wrong: try the customer's other channel.
+            self._decide(st, cid, job, now, out)
         else:
             st["jobs"].pop(rid)  # dead-lettered by the service; a replay of it is a new attempt
         return st, out

@@ -20,8 +20,11 @@ class LinkSigner:
         return base64.urlsafe_b64encode(mac[:18]).decode()
 
     def valid(self, customer_id: str, channel: str, token: str) -> bool:
-        return hmac.compare_digest(self.token(customer_id, channel), token or "")
+        return hmac.compare_digest(self.token(customer_id, channel).encode(), (token or "").encode())
+
+    def unsubscribe_path(self, customer_id: str, channel: str = "email") -> str:
+        query = urlencode({"c": customer_id, "ch": channel, "t": self.token(customer_id, channel)})
+        return f"/unsubscribe?{query}"
 
     def unsubscribe_url(self, customer_id: str, channel: str = "email") -> str:
-        query = urlencode({"c": customer_id, "ch": channel, "t": self.token(customer_id, channel)})
-        return f"{self.public_url}/unsubscribe?{query}"
+        return self.public_url + self.unsubscribe_path(customer_id, channel)

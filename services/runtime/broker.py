@@ -114,28 +114,38 @@ async def _header_safe_parser(records, original):
 
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(
-        self, lock: asyncio.Lock, on_revoke: Callable[[], None], on_assign: Callable[[], None], timeout_s: float
+        self,
+        lock: asyncio.Lock,
+        on_revoke: Callable[[], None],
+        on_assign: Callable[[], None],
+        timeout_s: float,
+        guard: asyncio.Lock | None = None,
     ):
         self.lock = lock
         self.on_revoke = on_revoke
         self.on_assign = on_assign
         self.timeout_s = timeout_s
+        self.guard = guard
 
     async def on_partitions_revoked(self, revoked):
-        # Let the batch in flight finish and commit (the subscriber holds the lock across both).
+        # Let the work in flight finish: the batch and its commit (the subscriber holds `lock`
+        # across both), and whatever else holds `guard` (e.g. messages being sent).
+        held: list[asyncio.Lock] = []
         try:
-            await asyncio.wait_for(self.lock.acquire(), self.timeout_s)
+            for lk in (self.guard, self.lock):
+                if lk is not None:
+                    await asyncio.wait_for(lk.acquire(), self.timeout_s)
+                    held.append(lk)
         except TimeoutError:
             log.warning(
-                "rebalance: batch still running after %.0fs; its commit may fail and it will be redelivered",
+                "rebalance: work still running after %.0fs; its commit may fail and it will be redelivered",
                 self.timeout_s,
             )
-            self.on_revoke()
-            return
         try:
             self.on_revoke()
         finally:
-            self.lock.release()
+            for lk in reversed(held):
+                lk.release()
         if revoked:
             log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
@@ -155,6 +165,7 @@ def subscribe_batches(
     on_revoke: Callable[[], None],
     on_assign: Callable[[], None] = lambda: None,
     on_outcome: Callable[[bool], None] = lambda _ok: None,
+    revoke_guard: asyncio.Lock | None = None,
 ):
     """Register the at-least-once batch subscriber; returns it (its `.consumer` exists after start).
 
@@ -206,7 +217,7 @@ def subscribe_batches(
         max_records=settings.batch_max_records,
         batch_timeout_ms=settings.batch_timeout_ms,
         ack_policy=AckPolicy.MANUAL,
-        listener=_Rebalance(lock, on_revoke, on_assign, timeout_s=60.0),
+        listener=_Rebalance(lock, on_revoke, on_assign, timeout_s=60.0, guard=revoke_guard),
         # Range assignment gives one consumer the same partition number of every topic it reads
         # (the topics are co-partitioned by customer id), so one customer's events from
         # shop.purchases and shop.interactions meet in one process and one cache.

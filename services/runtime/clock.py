@@ -47,6 +47,12 @@ class EventClock:
         self.idle_s = idle_s
         self._monotonic = monotonic
         self.caught_up: Callable[[object], bool] | None = None
+        # Sources assigned to us; one not seen yet holds time still until it is caught up
+        # (a partition read later than its siblings must not find its events already in the past).
+        self._expected: set[object] = set()
+
+    def expect_sources(self, sources: set[object]) -> None:
+        self._expected = set(sources)
 
     def _holds_back(self, source: object, seen: float, cutoff: float) -> bool:
         if self.caught_up is not None:
@@ -54,6 +60,10 @@ class EventClock:
         return seen >= cutoff
 
     def now(self) -> datetime:
+        if self.caught_up is not None and any(
+            src not in self._newest and not self.caught_up(src) for src in self._expected
+        ):
+            return self._now
         if self._newest:
             cutoff = self._monotonic() - self.idle_s
             behind = [t for src, (t, seen) in self._newest.items() if self._holds_back(src, seen, cutoff)]
@@ -70,6 +80,7 @@ class EventClock:
     def forget_sources(self) -> None:
         """After a rebalance: partitions no longer owned must not hold the watermark back."""
         self._newest.clear()
+        self._expected.clear()
 
 
 def make_clock(kind: str) -> Clock:

@@ -62,6 +62,9 @@ class ServiceHost:
         self.background = list(background)
         self.after_batch: list[Callable[[bool], None]] = []  # called after every batch (ok or not)
         self.on_stop: list[Callable[[], Awaitable[None]]] = []  # closes what the composition root opened
+        # Held by work outside batches that must finish before partitions move (and before a stop).
+        self.revoke_guard = asyncio.Lock()
+        self.assignment_epoch = 0  # bumped on every revocation: a cached document may be gone
         self._tasks: list[asyncio.Task] = []
         self.common = common
         self.settings = settings
@@ -102,9 +105,10 @@ class ServiceHost:
             settings=common,
             handle=self.pipeline.handle,
             lock=self.pipeline.lock,
-            on_revoke=self.store.drop_cache,
+            on_revoke=self._on_revoke,
             on_assign=self._on_assign,
             on_outcome=self._batch_outcome,
+            revoke_guard=self.revoke_guard,
         )
         self._lag: list[tuple[str, int, int]] = []
         self.registry.register(LagCollector(spec.name, lambda: self._lag))
@@ -129,20 +133,35 @@ class ServiceHost:
     def _caught_up(self, source: tuple[str, int]) -> bool:
         """Whether this partition has nothing left to read (as of the last fetch's high watermark)."""
         consumer = getattr(self.subscriber, "consumer", None)
-        last = self.pipeline.last_offsets.get(source)
-        if consumer is None or last is None:
+        if consumer is None:
             return False
+        tp = TopicPartition(*source)
         try:
-            high = consumer.highwater(TopicPartition(*source))
+            high = consumer.highwater(tp)
         except (AssertionError, KeyError):
             return True  # no longer assigned: it must not hold time back
-        return high is not None and last + 1 >= high
+        if high is None:
+            return False  # not fetched yet: unknown, so it holds time back
+        last = self.pipeline.last_offsets.get(source)
+        if last is not None:
+            return last + 1 >= high
+        # Nothing handed to us yet: caught up only if the consumer's position is already at the end.
+        position = _fetch_position(consumer, tp)
+        return position is not None and position >= high
+
+    def _on_revoke(self) -> None:
+        self.assignment_epoch += 1
+        self.store.drop_cache()
 
     def _on_assign(self) -> None:
         self.store.schedule.stale = True
         forget = getattr(self.clock, "forget_sources", None)
         if forget is not None:
             forget()
+        expect = getattr(self.clock, "expect_sources", None)
+        consumer = getattr(self.subscriber, "consumer", None)
+        if expect is not None and consumer is not None:
+            expect({(tp.topic, tp.partition) for tp in consumer.assignment()})
 
     def partition_of(self, customer_id: str) -> int | None:
         """The partition the producer's partitioner puts this customer in (None before metadata).
@@ -249,12 +268,21 @@ class ServiceHost:
     async def stop(self) -> None:
         self.metrics.up.labels(self.spec.name).set(0)
         self._started = False
+        # Let guarded work (e.g. messages being sent) finish and record before it is cancelled.
+        try:
+            await asyncio.wait_for(self.revoke_guard.acquire(), 30.0)
+            guarded = True
+        except TimeoutError:
+            log.warning("stopping while guarded work still runs after 30s")
+            guarded = False
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if guarded:
+            self.revoke_guard.release()  # the broker's stop revokes partitions, which takes it
         with contextlib.suppress(Exception):
             await self.broker.stop()
         with contextlib.suppress(Exception):
@@ -280,3 +308,15 @@ class ServiceHost:
             self.http.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(http_task, 5)
+
+
+def _fetch_position(consumer, tp: TopicPartition) -> int | None:
+    """The consumer's position without awaiting (aiokafka only offers the awaitable `position()`).
+
+    Reads aiokafka's partition state, as `position()` itself does; aiokafka is pinned below 0.15.
+    """
+    try:
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return state.position if state is not None and state.has_valid_position else None
+    except (AttributeError, KeyError):
+        return None

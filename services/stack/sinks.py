@@ -26,6 +26,7 @@ from email import message_from_bytes
 from email.policy import default as default_policy
 from functools import partial
 from pathlib import Path
+from urllib.parse import parse_qs
 
 import uvicorn
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -85,8 +86,11 @@ class SmsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set[str] = set()
         if path.exists():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                key = json.loads(line).get("idempotency_key")
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    key = json.loads(line).get("idempotency_key")
+                except (ValueError, AttributeError):
+                    continue  # a line cut short by a crash
                 if key:
                     self.keys.add(key)
 
@@ -130,8 +134,9 @@ def sms_app(path: Path) -> Starlette:
         return JSONResponse({"status": "accepted", "duplicate": not created}, status_code=201 if created else 200)
 
     async def twilio(request: Request) -> JSONResponse:
-        form = await request.form()
-        to, text = str(form.get("To", "")), str(form.get("Body", ""))
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+        form = {k: v[0] for k, v in fields.items()}
+        to, text = form.get("To", ""), form.get("Body", "")
         if not to or not text:
             return JSONResponse({"code": 21604, "message": "To and Body are required"}, status_code=400)
         if to.startswith(INVALID_PHONE_PREFIX):
@@ -140,7 +145,7 @@ def sms_app(path: Path) -> Starlette:
         entry = {
             "to": to,
             "body": text,
-            "from": str(form.get("From", "")),
+            "from": form.get("From", ""),
             "customer_id": None,
             "request_id": key.rsplit(":", 1)[0] if key else None,
             "idempotency_key": key,

@@ -236,7 +236,9 @@ async def test_channel_choice_consent_and_dedup_end_to_end(common, sinks):
             # An inbound SMS "退订" opts the sender's number out of SMS.
             inbound = f"http://127.0.0.1:{n.settings.http_port}/sms/inbound"
             assert (await anon.post(inbound, json={"from": "+8613800000001", "body": "退订"})).status_code == 401
-            r = await anon.post(inbound, params={"token": INBOUND}, json={"from": "+8613800000001", "body": " 退订 "})
+            # Twilio's webhook form, as a gateway would post it.
+            stop = {"From": "+8613800000001", "Body": " 退订 ", "MessageSid": "SM0001"}
+            r = await anon.post(inbound, params={"token": INBOUND}, data=stop)
             assert r.json() == {"action": "opted_out", "customer_id": "fang"}
         consent = await read_topic(
             n.common.kafka_bootstrap, n.common.topic("shop.interactions"), expect=2, timeout=10, settle=0.5
@@ -322,6 +324,7 @@ async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(c
         sinks,
         email_primary=f"smtp://127.0.0.1:{dead}",
         email_secondary=f"smtp://127.0.0.1:{sinks.smtp_port}",
+        sms_primary=f"twilio+http://AC0001:secret@127.0.0.1:{sinks.sms_port}?from=%2B15550001111",
         send_attempts=2,
     )
     async with Running(common, settings) as n:
@@ -335,7 +338,7 @@ async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(c
 
         events = await n.notifications(expect=3, settle=2.0)
         got = sorted((e["type"], e["customer_id"], e["data"]["channel"], e["data"].get("provider")) for e in events)
-        gateway = f"http://127.0.0.1:{sinks.sms_port}"
+        gateway = f"twilio+http://127.0.0.1:{sinks.sms_port}"
         assert got == [
             ("NotificationFailed", "kai", "email", None),
             ("NotificationSent", "ana", "email", f"smtp://127.0.0.1:{sinks.smtp_port}"),
@@ -344,7 +347,9 @@ async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(c
         failed = next(e for e in events if e["type"] == "NotificationFailed")
         assert failed["data"]["permanent"] is True and "550" in failed["data"]["error"]
         assert [m["To"] for m in sinks.mail()] == ["ana@example.com"]
-        assert [(s["customer_id"], s["to"]) for s in sinks.sms()] == [("kai", "+8613800000009")]
+        (sms,) = sinks.sms()  # through Twilio's form API
+        assert (sms["to"], sms["from"], sms["request_id"]) == ("+8613800000009", "+15550001111", str(bounced.event_id))
+        assert sms["body"] == "感谢您的首次购买（订单 o-2），王芳！"
         view = await n.view("kai")
         assert view["channels"]["email"]["unreachable"] is True
 

@@ -84,7 +84,7 @@ def test_a_transactional_request_goes_out_on_the_preferred_channel_once():
     assert (job.channel, job.kind, job.purpose) == ("sms", "first_purchase_thanks", "transactional")
     assert d.due(state, NOON) == NOON  # queued: due at once
 
-    state, out = d.record(state, CID, job.request_id, Sent("sms", "http://gw"), NOON)
+    state, out = d.record(state, job, Sent("sms", "http://gw"), NOON)
     assert [e.type for e in out] == ["NotificationSent"]
     assert out[0].data.channel == "sms" and out[0].causation_id == req.event_id
     assert d.queued(state, CID) == [] and d.due(state, NOON) is None
@@ -92,7 +92,7 @@ def test_a_transactional_request_goes_out_on_the_preferred_channel_once():
     again, out = d.apply(state, req, NOON)
     assert again is state and out == []
     # And a second record of the same outcome is ignored.
-    assert d.record(state, CID, job.request_id, Sent("sms", "x"), NOON) == (state, [])
+    assert d.record(state, job, Sent("sms", "x"), NOON) == (state, [])
 
 
 def test_marketing_at_23h_local_waits_for_09h_and_transactional_does_not():
@@ -119,7 +119,7 @@ def test_frequency_caps_suppress_marketing_with_a_reason_but_not_transactional()
     d = NotifyDomain()
     state, _ = run(d, [profile(), offer()])
     job = only_job(d, state)
-    state, _ = d.record(state, CID, job.request_id, Sent("sms", "gw"), NOON)
+    state, _ = d.record(state, job, Sent("sms", "gw"), NOON)
     state, out = d.apply(state, offer(NOON + timedelta(hours=2)), NOON + timedelta(hours=2))
     assert [e.type for e in out] == ["NotificationSuppressed"]
     assert out[0].data.reason.startswith("frequency cap: 1 marketing message(s) in the last 24 hours")
@@ -154,7 +154,7 @@ def test_an_invalid_address_falls_back_to_the_other_channel_and_frees_the_cap():
     state, _ = run(d, [profile(), offer()])
     job = only_job(d, state)
     assert state["marketing_sent"]["sms"] == [NOON.isoformat()]
-    state, out = d.record(state, CID, job.request_id, Failed("sms", "invalid number", True, True), NOON)
+    state, out = d.record(state, job, Failed("sms", "invalid number", True, True), NOON)
     assert [(e.type, e.data.permanent) for e in out] == [("NotificationFailed", True)]
     assert state["unreachable"] == ["sms"] and state["marketing_sent"]["sms"] == []
     assert only_job(d, state).channel == "email"
@@ -168,7 +168,7 @@ def test_exhausted_retries_drop_the_job_without_remembering_it_so_a_replay_retri
     req = care()
     state, _ = run(d, [profile(), req])
     job = only_job(d, state)
-    state, out = d.record(state, CID, job.request_id, Failed("sms", "timeout", False), NOON)
+    state, out = d.record(state, job, Failed("sms", "timeout", False), NOON)
     assert [(e.type, e.data.permanent) for e in out] == [("NotificationFailed", False)]
     assert state["jobs"] == {} and state["unreachable"] == []
     state, _ = d.apply(state, req, NOON + timedelta(minutes=5))
@@ -208,3 +208,34 @@ def test_the_template_sees_the_request_data_over_the_profile():
     ctx = message_context(state, only_job(d, state))
     assert ctx["name"] == "王芳" and ctx["order_id"] == "o-1" and ctx["top_categories"] == ["jazz"]
     assert ctx["tier"] == "vip" and ctx["locale"] == "zh-CN"
+
+
+def test_a_queued_job_is_decided_again_when_consent_changes_or_before_it_is_sent():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(), offer()])
+    assert only_job(d, state).channel == "sms"
+    # Consent to SMS revoked before the send: the job moves to e-mail, the SMS cap slot is given back.
+    state, out = d.apply(state, profile(sms=False), NOON)
+    assert out == [] and only_job(d, state).channel == "email"
+    assert state["marketing_sent"] == {"email": [NOON.isoformat()], "sms": []}
+
+    # A marketing job still queued when quiet hours begin (a delayed send) waits for the morning.
+    late = datetime(1997, 3, 3, 15, 0, tzinfo=UTC)  # 23:00 in Shanghai
+    state, out = d.revisit(state, CID, late)
+    (job,) = state["jobs"].values()
+    assert (job["status"], job["reason"]) == ("deferred", "quiet hours in Asia/Shanghai")
+    assert state["marketing_sent"]["email"] == []
+
+
+def test_a_send_that_raced_a_new_decision_is_still_recorded_once():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(), care()])
+    job = only_job(d, state)  # on SMS, being sent...
+    moved, _ = d.apply(state, profile(sms=False), NOON)  # ...while consent to SMS is revoked
+    assert only_job(d, moved).channel == "email"
+    assert not d.pending(moved, job)
+    done, out = d.record(moved, job, Sent("sms", "gw"), NOON)
+    assert [e.type for e in out] == ["NotificationSent"] and done["jobs"] == {}
+    # A failure of that old send does not undo the new decision.
+    kept, out = d.record(moved, job, Failed("sms", "timeout", False), NOON)
+    assert [e.type for e in out] == ["NotificationFailed"] and only_job(d, kept).channel == "email"
