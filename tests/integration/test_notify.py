@@ -226,7 +226,7 @@ async def test_channel_choice_consent_and_dedup_end_to_end(common, sinks):
         assert en["Message-ID"] == f"<{thrice.event_id}.email@crm.notify>"
 
         # One-click unsubscribe (RFC 8058): a POST to the link publishes the opt-out for the profile.
-        url = en["List-Unsubscribe"].strip("<>")
+        url = en["List-Unsubscribe"].strip().strip("<>")  # a long header is folded
         async with httpx.AsyncClient() as anon:
             assert (await anon.get(url)).status_code == 200  # a GET only shows the button
             assert (

@@ -55,12 +55,13 @@ def test_mime_has_both_parts_a_utf8_subject_and_one_click_unsubscribe():
         unsubscribe_url="https://crm.example/unsubscribe?c=c-1",
         sent_at=datetime(1997, 3, 4, 1, 0, tzinfo=UTC),
     )
-    raw = mime(msg).as_bytes()
+    raw = mime(msg)
     assert b"=?utf-8?" in raw.lower()  # RFC 2047 encoded subject on the wire
     parsed = message_from_bytes(raw, policy=default_policy)
     assert str(parsed["Subject"]) == "生日快乐，王芳！"
     assert parsed["List-Unsubscribe"] == "<https://crm.example/unsubscribe?c=c-1>"
     assert parsed["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert parsed["From"] == "Care <care@shop.example>" and parsed["Message-ID"] == "<r-1.email@crm.notify>"
     assert parsed.get_body(("plain",)).get_content().strip() == "祝您生日快乐！"
     assert parsed.get_body(("html",)).get_content().strip() == "<p>祝您生日快乐！</p>"
 
