@@ -381,3 +381,63 @@ async def test_exhausted_retries_dead_letter_the_request_and_a_replay_after_the_
         assert sorted(unique.values()) == ["NotificationFailed", "NotificationSent"]
     (sms,) = sinks.sms()
     assert (sms["customer_id"], sms["request_id"]) == ("yu", str(req.event_id))
+
+
+async def test_the_profile_stays_the_source_of_truth_for_consent(common, sinks):
+    """Profile and notify together: a registration's welcome by SMS, an SMS STOP that reaches the
+    profile as ConsentChanged and comes back as its snapshot, then a complaint acknowledged by e-mail."""
+    from services.profile.app import build as build_profile
+    from services.profile.settings import ProfileSettings
+    from tests.support.kafka import registered, shop_event
+
+    profile_settings = ProfileSettings(
+        http_port=free_port(), encryption_keys=Fernet.generate_key().decode(), lookup_key="p" * 32, api_token=TOKEN
+    )
+    async with Running(common, settings_for(sinks)) as n:
+        prof = build_profile(n.common, profile_settings, clock=EventClock())
+        await prof.start()
+        try:
+            cid = "reg-1"
+            at = DAY1.isoformat()
+            await produce(
+                n.common.kafka_bootstrap,
+                n.common.topic("shop.interactions"),
+                [(cid.encode(), json.dumps(registered(cid, occurred_at=at, phone="+8613900000001")).encode(), None)],
+            )
+            await eventually(lambda: asyncio.sleep(0, len(sinks.sms()) == 1))
+            (welcome,) = sinks.sms()
+            assert welcome["body"] == "欢迎，Li Wei！您的账户已开通。" and welcome["to"] == "+8613900000001"
+
+            async with httpx.AsyncClient() as anon:
+                inbound = f"http://127.0.0.1:{n.settings.http_port}/sms/inbound"
+                stop = {"from": "+8613900000001", "body": "STOP", "id": "in-1"}
+                r = await anon.post(inbound, headers={"Authorization": f"Bearer {INBOUND}"}, json=stop)
+                assert r.json() == {"action": "opted_out", "customer_id": cid}
+
+            async def sms_revoked():
+                v = await n.view(cid)
+                return v and not v["channels"]["sms"]["consent"] and v["channels"]["email"]["consent"]
+
+            await eventually(sms_revoked)  # the profile published its new snapshot
+            complaint = shop_event(
+                "InteractionRecorded",
+                cid,
+                {"kind": "complaint", "channel": "phone", "ticket_id": "T-42"},
+                occurred_at=(DAY1 + timedelta(hours=1)).isoformat(),
+            )
+            await produce(
+                n.common.kafka_bootstrap,
+                n.common.topic("shop.interactions"),
+                [(cid.encode(), json.dumps(complaint).encode(), None)],
+            )
+            await eventually(lambda: asyncio.sleep(0, len(sinks.mail()) == 1))
+            events = await n.notifications(expect=2, settle=1.5)
+            assert sorted((e["data"]["kind"], e["data"]["channel"]) for e in events) == [
+                ("complaint_acknowledgement", "email"),
+                ("welcome", "sms"),
+            ]
+        finally:
+            await prof.stop()
+    (mail,) = sinks.mail()
+    assert mail["To"] == f"{cid}@example.com" and str(mail["Subject"]) == "我们已收到您的反馈（T-42）"
+    assert len(sinks.sms()) == 1
