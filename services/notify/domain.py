@@ -204,9 +204,17 @@ class NotifyDomain:
         for job in list(st["jobs"].values()):
             if job["status"] not in statuses or (due_only and _ts(job["wake"]) > now):
                 continue
-            if job["status"] == "queued":
-                _uncount(st, job, job["channel"])  # counted again if it is queued again
+            if job["status"] != "queued":
+                self._decide(st, cid, job, now, out)
+                continue
+            before, sent = dict(job), {k: list(v) for k, v in st["marketing_sent"].items()}
+            _uncount(st, job, job["channel"])  # counted again if it is queued again
             self._decide(st, cid, job, now, out)
+            if job["status"] == "queued" and job["channel"] == before["channel"]:
+                # Same decision: keep the job as it was, so nothing needs writing.
+                job.clear()
+                job.update(before)
+                st["marketing_sent"] = sent
 
     def due(self, state, now: datetime) -> datetime | None:
         """When a job next needs attention: queued ones at once, the others at their wake time."""
