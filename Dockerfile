@@ -6,6 +6,9 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY contracts ./contracts
 COPY services ./services
 COPY data ./data
+# The loyalty programme's rules (mount another file and set CRM_LOYALTY_RULES_FILE to change them).
+COPY deploy/config ./deploy/config
+ENV CRM_LOYALTY_RULES_FILE=/app/deploy/config/loyalty.toml
 # Production installs no embedded servers: Kafka, MongoDB and Redis are real services.
 RUN pip install --no-cache-dir -c constraints.txt . && useradd --system --uid 10001 crm
 USER crm

@@ -14,7 +14,17 @@ from pydantic import ConfigDict, Field, StrictInt
 from contracts import topics
 from contracts.envelope import Event, Payload
 from contracts.shop import ChannelName
-from contracts.types import CalendarDate, Email, Locale, Phone, ShortText, SignedMoney, Timestamp, TimezoneName
+from contracts.types import (
+    CalendarDate,
+    CustomerId,
+    Email,
+    Locale,
+    Phone,
+    ShortText,
+    SignedMoney,
+    Timestamp,
+    TimezoneName,
+)
 
 
 class CrmPayload(Payload):
@@ -252,6 +262,20 @@ class RedemptionRejected(CrmEvent):
     data: RedemptionRejectedData
 
 
+class ReferralQualifiedData(CrmPayload):
+    """A referred customer made a first purchase: the referrer (this event's customer) earns the reward."""
+
+    referee_id: CustomerId
+    order_id: ShortText
+
+
+class ReferralQualified(CrmEvent):
+    TOPIC: ClassVar[str] = topics.CRM_LOYALTY
+    type: Literal["ReferralQualified"] = "ReferralQualified"
+    schema_version: Literal[1] = 1
+    data: ReferralQualifiedData
+
+
 # crm.churn -----------------------------------------------------------------
 
 
@@ -333,6 +357,14 @@ class NotificationSuppressed(CrmEvent):
 PROFILE_EVENTS = (ProfileUpdated, SegmentChanged, LifecycleStageChanged, CustomerErased)
 CARE_EVENTS = (CareRequested,)
 RETENTION_EVENTS = (RetentionRequested, RetentionTaskCreated)
-LOYALTY_EVENTS = (PointsEarned, PointsRedeemed, PointsExpired, PointsReversed, TierChanged, RedemptionRejected)
+LOYALTY_EVENTS = (
+    PointsEarned,
+    PointsRedeemed,
+    PointsExpired,
+    PointsReversed,
+    TierChanged,
+    RedemptionRejected,
+    ReferralQualified,
+)
 CHURN_EVENTS = (ChurnRiskChanged, CustomerWonBack)
 NOTIFICATION_EVENTS = (NotificationSent, NotificationFailed, NotificationSuppressed)

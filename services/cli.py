@@ -350,6 +350,27 @@ def _date(value: str):
         raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, not {value!r}") from None
 
 
+def cmd_loyalty(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from services.loyalty.audit import run_audit
+    from services.runtime.settings import CommonSettings
+
+    report = asyncio.run(run_audit(_settings_from_stack(CommonSettings), args.database))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(
+            f"{report.accounts:,} accounts, {report.entries:,} ledger entries, "
+            f"{report.points_outstanding:,} points outstanding, {report.negative_balances:,} negative balances"
+        )
+        print(f"discrepancies: {len(report.discrepancies)} account(s)")
+        for cid, problems in list(report.discrepancies.items())[:20]:
+            print(f"  {cid}: {'; '.join(problems)}")
+    return 1 if report.discrepancies else 0
+
+
 def cmd_churn(args: argparse.Namespace) -> int:
     from services.churn.backtest import BacktestError
     from services.churn.transactions import TransactionsError, read_purchases
@@ -469,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_segments)
 
+    p = sub.add_parser("loyalty", help="loyalty ledger tools")
+    loyalty = p.add_subparsers(dest="loyalty_command", required=True)
+    q = loyalty.add_parser("audit", help="check every account: balance = sum of entries = lots - debt")
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--database", default="loyalty", help="the loyalty database name (after CRM_DB_PREFIX)")
+    p.set_defaults(func=cmd_loyalty)
+
     p = sub.add_parser("churn", help="churn model tools on a transaction file")
     churn = p.add_subparsers(dest="churn_command", required=True)
     data = argparse.ArgumentParser(add_help=False)
@@ -486,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_churn)
 
-    p = sub.add_parser("keys", help="print fresh keys and a token for the profile service")
+    p = sub.add_parser("keys", help="print fresh keys and tokens for the services")
     p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("contracts", help="generate or check the AsyncAPI document and JSON Schemas")

@@ -42,6 +42,8 @@ class Domain(Protocol):
                                                          that it has nothing to do before `now`
       ERASING: tuple[type[Event], ...]                   events after which the published outbox
                                                          is cleared from the store at once
+      wants(event) -> bool                               False: the event is not for this service
+                                                         (skipped: no dedup entry, no write)
     """
 
     def apply(
@@ -103,6 +105,7 @@ class Pipeline:
         self.last_offsets: dict[tuple[str, int], int] = {}  # newest offset handled per partition
         self._due = getattr(domain, "due", None)
         self._erasing = tuple(getattr(domain, "ERASING", ()))
+        self._wants = getattr(domain, "wants", None)
 
     async def handle(self, records: Sequence[Record]) -> BatchResult:
         """Process one batch. The caller holds `self.lock`."""
@@ -118,8 +121,10 @@ class Pipeline:
             except InvalidMessage as exc:
                 result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
                 continue
-            by_customer[event.customer_id].append((event, rec))
             result.consumed_types[(rec.topic, event.type)] += 1
+            if self._wants is not None and not self._wants(event):
+                continue
+            by_customer[event.customer_id].append((event, rec))
             if result.newest_event_time is None or event.occurred_at > result.newest_event_time:
                 result.newest_event_time = event.occurred_at
 

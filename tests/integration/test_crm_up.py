@@ -34,6 +34,7 @@ def test_crm_up_then_ctrl_c_leaves_no_stray_process(tmp_path: Path):
         "CRM_PROFILE_HTTP_PORT": str(profile_port),
         "CRM_NOTIFY_HTTP_PORT": str(notify_port),
         "CRM_CHURN_HTTP_PORT": str(free_port()),
+        "CRM_LOYALTY_HTTP_PORT": str(free_port()),
         "CRM_STACK_SMTP_PORT": str(free_port()),
         "CRM_STACK_SMS_PORT": str(free_port()),
         "CRM_STACK_VAR_DIR": str(tmp_path / "var"),

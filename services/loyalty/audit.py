@@ -1,0 +1,48 @@
+"""`crm loyalty audit`: every account's books, checked against the ledger's invariants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pymongo import AsyncMongoClient
+
+from services.loyalty.domain import audit
+from services.loyalty.store import LoyaltyStore
+from services.runtime.settings import CommonSettings
+
+
+@dataclass
+class AuditReport:
+    accounts: int = 0
+    entries: int = 0
+    points_outstanding: int = 0
+    negative_balances: int = 0
+    discrepancies: dict[str, list[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "accounts": self.accounts,
+            "entries": self.entries,
+            "points_outstanding": self.points_outstanding,
+            "negative_balances": self.negative_balances,
+            "accounts_with_discrepancies": len(self.discrepancies),
+            "discrepancies": self.discrepancies,
+        }
+
+
+async def run_audit(common: CommonSettings, database: str = "loyalty") -> AuditReport:
+    client = AsyncMongoClient(common.mongo_url, tz_aware=True, serverSelectionTimeoutMS=10_000)
+    try:
+        store = LoyaltyStore(client[common.db_prefix + database])
+        report = AuditReport()
+        async for cid, state in store.accounts():
+            report.accounts += 1
+            report.entries += len(state["entries"])
+            report.points_outstanding += state["balance"]
+            report.negative_balances += state["balance"] < 0
+            problems = audit(state)
+            if problems:
+                report.discrepancies[cid] = problems
+        return report
+    finally:
+        await client.close()

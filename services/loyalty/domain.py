@@ -1,0 +1,550 @@
+"""The loyalty ledger, pure: state + event -> new state + derived events. No I/O.
+
+An account is an append-only list of entries, each with a reason, the event that
+caused it and the running balance, plus the lots the points live in:
+
+    balance == sum(entry.points) == sum(lot.remaining) - debt      (checked by `audit`)
+
+Points are earned into a lot that expires `expiry_months` later; redemptions and
+refund reversals spend the first-to-expire lots first (a reversal takes from its own
+order's lot first). A reversal larger than what is left makes the balance negative:
+the shortfall is `debt`, paid off by the next points earned, never an error.
+
+Besides the pipeline's dedup on event ids, every business key is applied once:
+an order earns once, a refund reverses once, a redemption id is used once, a
+referral rewards once; so the ledger never depends on redelivery.
+"""
+
+from __future__ import annotations
+
+import calendar
+import uuid
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from contracts import Event
+from contracts.crm import (
+    CareRequested,
+    CareRequestedData,
+    PointsEarned,
+    PointsEarnedData,
+    PointsExpired,
+    PointsExpiredData,
+    PointsRedeemed,
+    PointsRedeemedData,
+    PointsReversed,
+    PointsReversedData,
+    RedemptionRejected,
+    RedemptionRejectedData,
+    ReferralQualified,
+    ReferralQualifiedData,
+    TierChanged,
+    TierChangedData,
+)
+from contracts.envelope import derive, scheduled
+from contracts.shop import (
+    CustomerErasureRequested,
+    CustomerRegistered,
+    CustomerUpdated,
+    PointsRedemptionRequested,
+    PurchaseCompleted,
+    PurchaseRefunded,
+)
+from services.loyalty.rules import Rules
+
+PRODUCER = "loyalty"
+KEPT_KEYS = 1000  # refund and redemption ids remembered for dedup
+
+
+def new_state() -> dict[str, Any]:
+    return {
+        "profile": {"birthday": None, "timezone": "UTC", "referred_by": None},
+        "balance": 0,
+        "debt": 0,
+        "entries": [],
+        "lots": [],
+        "orders": {},
+        "refunds": [],
+        "redemptions": [],
+        "spend": [],  # [day, amount, points] of purchases (+) and refunds (-) in the qualifying window
+        "tier": None,
+        "downgrade": None,  # {"warned_at", "at", "to"} while a downgrade is pending
+        "next_review": None,
+        "purchases": 0,
+        "referral_rewarded": False,
+        "referees_rewarded": [],
+        "birthday_year": None,
+        "notified_lots": [],
+        "erased": False,
+    }
+
+
+def _copy(state) -> dict[str, Any]:
+    if state is None:
+        return new_state()
+    st = dict(state)
+    for k in ("entries", "refunds", "redemptions", "spend", "referees_rewarded", "notified_lots"):
+        st[k] = list(state[k])
+    st["lots"] = [dict(lot) for lot in state["lots"]]
+    st["orders"] = {k: dict(v) for k, v in state["orders"].items()}
+    st["profile"] = dict(state["profile"])
+    st["downgrade"] = dict(state["downgrade"]) if state["downgrade"] else None
+    return st
+
+
+def _day(ts: datetime) -> date:
+    return ts.astimezone(UTC).date()
+
+
+def _at(day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=UTC)
+
+
+def add_months(day: date, months: int) -> date:
+    m = day.month - 1 + months
+    year, month = day.year + m // 12, m % 12 + 1
+    return date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+def _zone(tz: str | None) -> ZoneInfo:
+    try:
+        return ZoneInfo(tz or "UTC")
+    except (KeyError, ValueError):
+        return ZoneInfo("UTC")
+
+
+class LoyaltyDomain:
+    ERASING = (CustomerErasureRequested,)
+
+    def __init__(self, rules: Rules):
+        self.rules = rules
+
+    def wants(self, event: Event) -> bool:
+        # Loyalty reads crm.loyalty only for referral rewards; its other events there are its own.
+        return event.TOPIC != ReferralQualified.TOPIC or isinstance(event, ReferralQualified)
+
+    # -- events ---------------------------------------------------------------
+    def apply(self, state, event: Event, now: datetime):
+        st = _copy(state)
+        out: list[Event] = []
+        if isinstance(event, CustomerRegistered | CustomerUpdated):
+            self._profile(st, event)
+            if st["tier"] is None:
+                self._join(st, event, out)
+        elif isinstance(event, PurchaseCompleted):
+            self._purchase(st, event, out)
+        elif isinstance(event, PurchaseRefunded):
+            self._refund(st, event, out)
+        elif isinstance(event, PointsRedemptionRequested):
+            self._redeem(st, event, out)
+        elif isinstance(event, ReferralQualified):
+            self._referrer_reward(st, event, out)
+        elif isinstance(event, CustomerErasureRequested):
+            # The ledger is a financial record and stays (pseudonymous); personal data goes.
+            st["profile"] = {"birthday": None, "timezone": "UTC", "referred_by": None}
+            st["erased"] = True
+        else:
+            return state, []
+        return st, out
+
+    def _profile(self, st, ev) -> None:
+        d, p = ev.data, st["profile"]
+        if d.birthday is not None:
+            p["birthday"] = d.birthday.isoformat()
+        if d.timezone is not None:
+            p["timezone"] = d.timezone
+        # A referral counts only when stated before the first purchase, and never by oneself.
+        if d.referred_by and d.referred_by != ev.customer_id and st["purchases"] == 0:
+            p["referred_by"] = d.referred_by
+
+    def _join(self, st, ev: Event, out) -> None:
+        first = self.rules.tiers[0].name
+        st["tier"] = first
+        out.append(
+            derive(
+                TierChanged,
+                ev,
+                TierChangedData(from_tier=None, to_tier=first, reason="joined the programme"),
+                producer=PRODUCER,
+            )
+        )
+
+    def _purchase(self, st, ev: PurchaseCompleted, out) -> None:
+        d = ev.data
+        if d.order_id in st["orders"]:
+            return  # earned already (a redelivery beyond the event-id window, or a resent order)
+        if st["tier"] is None:
+            self._join(st, ev, out)
+        points, why = self.points_for(st, ev)
+        day = _day(ev.occurred_at)
+        st["orders"][d.order_id] = {"total": str(d.total), "points": points, "reversed": 0, "lot": None}
+        st["purchases"] += 1
+        self._add_spend(st, day, d.total, points)
+        if points:
+            lot = self._earn(st, ev, points, why, d.order_id, out)
+            st["orders"][d.order_id]["lot"] = lot
+        if st["purchases"] == 1:
+            if self.rules.first_purchase_bonus:
+                self._earn(st, ev, self.rules.first_purchase_bonus, "first purchase bonus", d.order_id, out, "first")
+            self._referee_reward(st, ev, out)
+        self._upgrade(st, ev, out)
+
+    def _add_spend(self, st, day: date, amount: Decimal, points: int) -> None:
+        # Only the qualifying window (and a month more) is kept: older rows never count again.
+        since = add_months(day, -self.rules.qualifying_months - 1).isoformat()
+        st["spend"] = [row for row in st["spend"] if row[0] > since] + [[day.isoformat(), str(amount), points]]
+
+    def points_for(self, st, ev: PurchaseCompleted) -> tuple[int, str]:
+        """Points an order earns, and how they were computed (the entry's reason)."""
+        r, d = self.rules, ev.data
+        rate = r.points_per_unit.get(d.currency)
+        if rate is None:
+            raise ValueError(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
+        day = _day(ev.occurred_at)
+        lines = [(ln.category, ln.unit_price * ln.quantity) for ln in d.lines]
+        gross = sum((amount for _, amount in lines), Decimal(0))
+        if not lines or gross <= 0:
+            lines, gross = [("", d.total)], d.total
+        scale = d.total / gross if gross else Decimal(0)  # discounts and fees: lines scaled to the total
+        base = Decimal(0)
+        campaigns: set[str] = set()
+        for category, amount in lines:
+            mult = r.category_multipliers.get(category, Decimal(1))
+            running = [c for c in r.campaigns if c.applies(day, category)]
+            best = max(running, key=lambda c: c.multiplier, default=None)
+            if best is not None:
+                campaigns.add(best.name)
+            base += amount * scale * rate * mult * (best.multiplier if best else Decimal(1))
+        tier = r.tier(st["tier"])
+        why = [f"{d.total} {d.currency} x {rate}"]
+        total = base * tier.multiplier
+        if tier.multiplier != 1:
+            why.append(f"{tier.name} x {tier.multiplier}")
+        if self._birthday_month(st, ev.occurred_at):
+            total *= r.birthday_month_multiplier
+            why.append(f"birthday month x {r.birthday_month_multiplier}")
+        why.extend(f"campaign {name}" for name in sorted(campaigns))
+        return int(total.to_integral_value(rounding=ROUND_FLOOR)), "purchase: " + ", ".join(why)
+
+    def _birthday_month(self, st, at: datetime) -> bool:
+        bday = st["profile"]["birthday"]
+        if not bday:
+            return False
+        return at.astimezone(_zone(st["profile"]["timezone"])).month == date.fromisoformat(bday).month
+
+    def _refund(self, st, ev: PurchaseRefunded, out) -> None:
+        d = ev.data
+        if d.refund_id in st["refunds"]:
+            return
+        st["refunds"] = [*st["refunds"], d.refund_id][-KEPT_KEYS:]
+        day = _day(ev.occurred_at)
+        order = st["orders"].get(d.order_id)
+        if order is None:
+            self._add_spend(st, day, -d.amount, 0)
+            return  # an order this ledger never earned on: nothing to reverse
+        total = Decimal(order["total"])
+        left = order["points"] - order["reversed"]
+        refunded = min(d.amount, total)
+        share = (Decimal(order["points"]) * refunded / total) if total > 0 else Decimal(0)
+        points = min(left, int(share.to_integral_value(rounding=ROUND_HALF_UP)))
+        order["refunded"] = str(Decimal(order.get("refunded", "0")) + refunded)
+        if Decimal(order["refunded"]) >= total:
+            points = left  # fully refunded: everything still earned on it goes back, rounding included
+        self._add_spend(st, day, -refunded, -points)
+        if points <= 0:
+            return
+        order["reversed"] += points
+        self._spend(st, points, first_lot=order["lot"])
+        entry = self._entry(st, ev, -points, "reverse", f"refund {d.refund_id} of order {d.order_id}", d.order_id)
+        data = PointsReversedData(order_id=d.order_id, refund_id=d.refund_id, points=points, balance=entry["balance"])
+        out.append(derive(PointsReversed, ev, data, producer=PRODUCER))
+
+    def _redeem(self, st, ev: PointsRedemptionRequested, out) -> None:
+        d = ev.data
+        reason = None
+        if d.redemption_id in st["redemptions"]:
+            reason = "duplicate_redemption_id"
+        elif self.rules.rewards.get(d.reward) != d.points:
+            reason = "unknown_reward"  # not in the catalogue, or not at that price
+        elif d.points > st["balance"]:
+            reason = "insufficient_balance"
+        if reason is not None:
+            data = RedemptionRejectedData(
+                redemption_id=d.redemption_id, reward=d.reward, points=d.points, reason=reason
+            )
+            out.append(derive(RedemptionRejected, ev, data, producer=PRODUCER))
+            return
+        st["redemptions"] = [*st["redemptions"], d.redemption_id][-KEPT_KEYS:]
+        self._spend(st, d.points)
+        entry = self._entry(st, ev, -d.points, "redeem", f"reward {d.reward}", d.redemption_id)
+        data = PointsRedeemedData(
+            redemption_id=d.redemption_id, reward=d.reward, points=d.points, balance=entry["balance"]
+        )
+        out.append(derive(PointsRedeemed, ev, data, producer=PRODUCER))
+
+    # -- referrals -------------------------------------------------------------
+    def _referee_reward(self, st, ev: PurchaseCompleted, out) -> None:
+        referrer = st["profile"]["referred_by"]
+        if not referrer or st["referral_rewarded"]:
+            return
+        st["referral_rewarded"] = True
+        if self.rules.referee_bonus:
+            self._earn(st, ev, self.rules.referee_bonus, f"referral: welcome bonus (referred by {referrer})",
+                       ev.data.order_id, out, "referee")  # fmt: skip
+        # The referrer's account is another customer's document: the reward travels as an event.
+        out.append(
+            derive(
+                ReferralQualified,
+                ev,
+                ReferralQualifiedData(referee_id=ev.customer_id, order_id=ev.data.order_id),
+                producer=PRODUCER,
+            ).model_copy(update={"customer_id": referrer})
+        )
+
+    def _referrer_reward(self, st, ev: ReferralQualified, out) -> None:
+        referee = ev.data.referee_id
+        if referee in st["referees_rewarded"] or referee == ev.customer_id:
+            return
+        st["referees_rewarded"] = [*st["referees_rewarded"], referee]
+        if st["tier"] is None:
+            self._join(st, ev, out)
+        if self.rules.referrer_bonus:
+            self._earn(st, ev, self.rules.referrer_bonus, f"referral: {referee} made a first purchase", referee, out)
+
+    # -- tiers -----------------------------------------------------------------
+    def qualifying(self, st, today: date) -> Decimal:
+        since = add_months(today, -self.rules.qualifying_months)
+        col = 1 if self.rules.qualify_by == "spend" else 2
+        return sum((Decimal(str(row[col])) for row in st["spend"] if date.fromisoformat(row[0]) > since), Decimal(0))
+
+    def _upgrade(self, st, ev: Event, out) -> None:
+        today = _day(ev.occurred_at)
+        target = self.rules.tier_for(self.qualifying(st, today))
+        if self.rules.rank(target.name) > self.rules.rank(st["tier"]):
+            self._change_tier(st, ev.customer_id, target.name, "upgrade", today, ev.occurred_at, out, cause=ev)
+        elif st["downgrade"] and self.rules.rank(target.name) >= self.rules.rank(st["tier"]):
+            st["downgrade"] = None  # back above the line before the grace ran out
+
+    def _change_tier(self, st, cid, to: str, why: str, today: date, at: datetime, out, *, cause: Event | None):
+        frm = st["tier"]
+        st["tier"], st["downgrade"] = to, None
+        # Only a tier above the first can go down: only those are reviewed.
+        if self.rules.rank(to) == 0:
+            st["next_review"] = None
+        elif st["next_review"] is None:
+            st["next_review"] = (at + timedelta(days=self.rules.review_days)).isoformat()
+        qual = self.qualifying(st, today)
+        data = TierChangedData(from_tier=frm, to_tier=to, reason=why, qualifying_spend=f"{qual:.2f}")
+        if cause is not None:
+            ev = derive(TierChanged, cause, data, producer=PRODUCER, discriminator=to)
+        else:
+            ev = scheduled(TierChanged, cid, data, producer=PRODUCER, occasion=f"tier/{at.isoformat()}/{to}",
+                           occurred_at=at)  # fmt: skip
+        out.append(ev)
+        if why == "upgrade":
+            tier = self.rules.tier(to)
+            out.append(self._care(ev, "tier_upgrade", {"tier": to, "perks": list(tier.perks)}))
+
+    # -- time ------------------------------------------------------------------
+    def tick(self, state, customer_id: str, now: datetime):
+        if not state or state["tier"] is None:
+            return state, []
+        st = _copy(state)
+        out: list[Event] = []
+        today = _day(now)
+        self._expire(st, customer_id, today, out)
+        self._expiring_notice(st, customer_id, today, out)
+        self._review(st, customer_id, now, out)
+        self._birthday(st, customer_id, now, out)
+        if not out and st == state:
+            return state, []
+        return st, out
+
+    def due(self, state, now: datetime | None = None) -> datetime | None:
+        if not state or state["tier"] is None:
+            return None
+        times = [_at(date.fromisoformat(lot["expires_on"])) for lot in state["lots"] if lot["remaining"] > 0]
+        times += [self._notice_at(lot) for lot in state["lots"] if self._notice_pending(state, lot)]
+        if state["next_review"]:
+            times.append(datetime.fromisoformat(state["next_review"]))
+        if state["downgrade"]:
+            times.append(datetime.fromisoformat(state["downgrade"]["at"]))
+        bday = self._next_birthday_month(state, now)
+        if bday is not None:
+            times.append(bday)
+        return min(times) if times else None
+
+    def _expire(self, st, cid: str, today: date, out) -> None:
+        for lot in sorted(st["lots"], key=lambda x: (x["expires_on"], x["id"])):
+            if lot["remaining"] <= 0 or date.fromisoformat(lot["expires_on"]) > today:
+                continue
+            points, lot["remaining"] = lot["remaining"], 0
+            at = _at(date.fromisoformat(lot["expires_on"]))
+            cause = uuid.uuid5(uuid.NAMESPACE_URL, f"loyalty/{cid}/lot/{lot['id']}")
+            entry = self._entry_at(st, at, str(cause), -points, "expire", f"lot {lot['id']} expired", lot["id"])
+            data = PointsExpiredData(lot_id=lot["id"], points=points, balance=entry["balance"])
+            out.append(scheduled(PointsExpired, cid, data, producer=PRODUCER, occasion=f"expire/{lot['id']}",
+                                 occurred_at=at))  # fmt: skip
+        st["lots"] = [lot for lot in st["lots"] if lot["remaining"] > 0]
+
+    def _notice_pending(self, st, lot) -> bool:
+        return (
+            lot["remaining"] >= max(self.rules.expiring_notice_min_points, 1)
+            and lot["id"] not in st["notified_lots"]
+            and self.rules.expiring_notice_days > 0
+        )
+
+    def _notice_at(self, lot) -> datetime:
+        return _at(date.fromisoformat(lot["expires_on"]) - timedelta(days=self.rules.expiring_notice_days))
+
+    def _expiring_notice(self, st, cid: str, today: date, out) -> None:
+        for lot in st["lots"]:
+            if not self._notice_pending(st, lot) or self._notice_at(lot) > _at(today):
+                continue
+            st["notified_lots"] = [*st["notified_lots"], lot["id"]][-KEPT_KEYS:]
+            at = max(self._notice_at(lot), _at(today))
+            data = CareRequestedData(
+                kind="points_expiring",
+                purpose="marketing",
+                template_data={"points": lot["remaining"], "expires_on": lot["expires_on"], "tier": st["tier"]},
+            )
+            out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=f"expiring/{lot['id']}",
+                                 occurred_at=at))  # fmt: skip
+
+    def _review(self, st, cid: str, now: datetime, out) -> None:
+        today = _day(now)
+        pending = st["downgrade"]
+        if pending and datetime.fromisoformat(pending["at"]) <= now:
+            target = self.rules.tier_for(self.qualifying(st, today))
+            if self.rules.rank(target.name) < self.rules.rank(st["tier"]):
+                self._change_tier(st, cid, target.name, "downgrade after the grace period", today,
+                                  datetime.fromisoformat(pending["at"]), out, cause=None)  # fmt: skip
+            st["downgrade"] = None
+        review = st["next_review"]
+        if review is None or datetime.fromisoformat(review) > now:
+            return
+        at = datetime.fromisoformat(review)
+        st["next_review"] = (at + timedelta(days=self.rules.review_days)).isoformat()
+        target = self.rules.tier_for(self.qualifying(st, today))
+        if self.rules.rank(target.name) >= self.rules.rank(st["tier"]) or st["downgrade"]:
+            return
+        when = at + timedelta(days=self.rules.downgrade_grace_days)
+        st["downgrade"] = {"warned_at": at.isoformat(), "at": when.isoformat(), "to": target.name}
+        needed = self.rules.tier(st["tier"]).threshold - self.qualifying(st, today)
+        data = CareRequestedData(
+            kind="tier_downgrade_warning",
+            purpose="marketing",
+            template_data={"tier": st["tier"], "review_on": _day(when).isoformat(), "needed": f"{needed:.2f}"},
+        )
+        occasion = f"downgrade-warning/{at.isoformat()}"
+        out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=occasion, occurred_at=at))
+
+    def _next_birthday_month(self, st, now: datetime | None) -> datetime | None:
+        bday = st["profile"]["birthday"]
+        if not bday or now is None:
+            return None
+        zone = _zone(st["profile"]["timezone"])
+        local = now.astimezone(zone)
+        month = date.fromisoformat(bday).month
+        year = local.year if (st["birthday_year"] or 0) < local.year else local.year + 1
+        if month < local.month and year == local.year:
+            year += 1  # this year's birthday month is over: the next one
+        return datetime.combine(date(year, month, 1), time(9), tzinfo=zone).astimezone(UTC)
+
+    def _birthday(self, st, cid: str, now: datetime, out) -> None:
+        at = self._next_birthday_month(st, now)
+        if at is None or at > now:
+            return
+        local = now.astimezone(_zone(st["profile"]["timezone"]))
+        st["birthday_year"] = at.astimezone(_zone(st["profile"]["timezone"])).year
+        if local.month != date.fromisoformat(st["profile"]["birthday"]).month:
+            return  # the month went by (a service down for weeks): no late bonus message
+        mult = self.rules.birthday_month_multiplier
+        data = CareRequestedData(
+            kind="birthday_bonus",
+            purpose="marketing",
+            template_data={"multiplier": str(mult), "tier": st["tier"], "points": st["balance"]},
+        )
+        out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=f"birthday-bonus/{local.year}",
+                             occurred_at=at))  # fmt: skip
+
+    # -- the ledger --------------------------------------------------------------
+    def _earn(self, st, ev: Event, points: int, reason: str, ref: str, out, tag: str = "") -> str:
+        day = _day(ev.occurred_at)
+        lot_id = f"{day.isoformat()}/{len(st['entries']) + 1}"
+        expires = add_months(day, self.rules.expiry_months)
+        pay = min(st["debt"], points)  # a negative balance is paid off first
+        st["debt"] -= pay
+        st["lots"].append(
+            {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
+             "remaining": points - pay}
+        )  # fmt: skip
+        entry = self._entry(st, ev, points, "earn", reason, ref)
+        data = PointsEarnedData(
+            order_id=ref if isinstance(ev, PurchaseCompleted) else None,
+            reason=reason[:200],
+            points=points,
+            balance=entry["balance"],
+            expires_on=expires,
+        )
+        out.append(derive(PointsEarned, ev, data, producer=PRODUCER, discriminator=tag or "earn"))
+        return lot_id
+
+    def _spend(self, st, points: int, first_lot: str | None = None) -> None:
+        """Take points from the lots, the given lot first, then first-to-expire first; the rest is debt."""
+        lots = sorted(st["lots"], key=lambda x: (x["id"] != first_lot, x["expires_on"], x["id"]))
+        left = points
+        for lot in lots:
+            if left == 0:
+                break
+            take = min(lot["remaining"], left)
+            lot["remaining"] -= take
+            left -= take
+        st["debt"] += left
+        st["lots"] = [lot for lot in st["lots"] if lot["remaining"] > 0]
+
+    def _entry(self, st, ev: Event, points: int, kind: str, reason: str, ref: str) -> dict:
+        return self._entry_at(st, ev.occurred_at, str(ev.event_id), points, kind, reason, ref)
+
+    @staticmethod
+    def _entry_at(st, at: datetime, cause: str, points: int, kind: str, reason: str, ref: str) -> dict:
+        st["balance"] += points
+        entry = {
+            "seq": len(st["entries"]) + 1,
+            "at": at.isoformat(),
+            "kind": kind,
+            "points": points,
+            "balance": st["balance"],
+            "reason": reason,
+            "cause": cause,
+            "ref": ref,
+        }
+        st["entries"].append(entry)
+        return entry
+
+    def _care(self, cause: Event, kind: str, template: dict) -> Event:
+        data = CareRequestedData(kind=kind, purpose="marketing", template_data=template)
+        return derive(CareRequested, cause, data, producer=PRODUCER, discriminator=kind)
+
+
+def audit(state: dict[str, Any]) -> list[str]:
+    """What is wrong with one account (empty: the books balance)."""
+    problems = []
+    total, running = 0, 0
+    for i, e in enumerate(state["entries"], 1):
+        total += e["points"]
+        running += e["points"]
+        if e["seq"] != i:
+            problems.append(f"entry {i} has sequence number {e['seq']}")
+        if e["balance"] != running:
+            problems.append(f"entry {i}: running balance {e['balance']}, sum of entries so far {running}")
+    if state["balance"] != total:
+        problems.append(f"balance {state['balance']} but entries sum to {total}")
+    in_lots = sum(lot["remaining"] for lot in state["lots"])
+    if in_lots - state["debt"] != state["balance"]:
+        problems.append(f"lots hold {in_lots} and debt is {state['debt']}, but the balance is {state['balance']}")
+    if any(lot["remaining"] < 0 for lot in state["lots"]) or state["debt"] < 0:
+        problems.append("a lot or the debt is negative")
+    return problems

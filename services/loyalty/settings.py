@@ -1,0 +1,28 @@
+"""Loyalty settings: environment variables with the prefix `CRM_LOYALTY_` (see README.md and docs/loyalty.md).
+
+The programme's rules (earning, expiry, tiers, rewards, referrals, campaigns) live in a
+TOML file, `deploy/config/loyalty.toml` unless `CRM_LOYALTY_RULES_FILE` says otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.loyalty.rules import DEFAULT_RULES, Rules, load_rules
+from services.runtime.settings import ServiceSettings
+
+
+class LoyaltySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="CRM_LOYALTY_", extra="ignore")
+
+    http_port: int = 8102
+    group_id: str = "crm-loyalty"
+    database: str = "loyalty"
+    rules_file: Path = DEFAULT_RULES
+    tier_export_interval_s: float = Field(30.0, gt=0, description="refresh of the accounts-per-tier gauge (a scan)")
+
+    def rules(self) -> Rules:
+        return load_rules(self.rules_file)

@@ -1,0 +1,331 @@
+"""The loyalty ledger as plain functions: rules, refunds, lots and expiry, tiers, referrals, and its invariants."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.crm import ReferralQualified
+from contracts.shop import (
+    CustomerRegistered,
+    CustomerRegisteredData,
+    PointsRedemptionRequested,
+    PointsRedemptionRequestedData,
+    PurchaseCompleted,
+    PurchaseCompletedData,
+    PurchaseLine,
+    PurchaseRefunded,
+    PurchaseRefundedData,
+)
+from services.loyalty.domain import LoyaltyDomain, add_months, audit
+from services.loyalty.rules import Campaign, Rules, RulesError, Tier, load_rules
+
+T0 = datetime(1997, 1, 10, 12, tzinfo=UTC)
+
+
+def rules(**kw) -> Rules:
+    base = {
+        "points_per_unit": {"USD": Decimal(1)},
+        "category_multipliers": {"jazz": Decimal("1.5")},
+        "first_purchase_bonus": 0,
+        "expiry_months": 12,
+        "expiring_notice_days": 7,
+        "expiring_notice_min_points": 50,
+        "review_days": 30,
+        "downgrade_grace_days": 30,
+        "tiers": [
+            Tier(name="Member", threshold=Decimal(0)),
+            Tier(name="Silver", threshold=Decimal(100), multiplier=Decimal("1.1"), perks=["free shipping"]),
+            Tier(name="Gold", threshold=Decimal(300), multiplier=Decimal("1.25")),
+        ],
+        "rewards": {"voucher": 50, "small": 25},
+        "referrer_bonus": 200,
+        "referee_bonus": 100,
+    }
+    return Rules(**(base | kw))
+
+
+def buy(order="o1", total="40.00", at=T0, category="rock", cid="c1", lines=None):
+    lines = lines or [PurchaseLine(sku="cd", category=category, quantity=1, unit_price=Decimal(total))]
+    return PurchaseCompleted(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="shop",
+        customer_id=cid,
+        data=PurchaseCompletedData(
+            order_id=order, store_id="s", channel="online", currency="USD", total=Decimal(total), lines=lines
+        ),
+    )
+
+
+def refund(order="o1", amount="10.00", refund_id="r1", at=T0, cid="c1"):
+    return PurchaseRefunded(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="shop",
+        customer_id=cid,
+        data=PurchaseRefundedData(order_id=order, refund_id=refund_id, currency="USD", amount=Decimal(amount)),
+    )
+
+
+def redeem(points=50, rid="x1", reward="voucher", at=T0, cid="c1"):
+    return PointsRedemptionRequested(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="shop",
+        customer_id=cid,
+        data=PointsRedemptionRequestedData(redemption_id=rid, points=points, reward=reward),
+    )
+
+
+def register(cid="c1", at=T0, **kw):
+    return CustomerRegistered(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="shop",
+        customer_id=cid,
+        data=CustomerRegisteredData(name="A", **kw),
+    )
+
+
+def run(domain, events, state=None):
+    out = []
+    for ev in events:
+        state, derived = domain.apply(state, ev, ev.occurred_at)
+        out.extend(derived)
+    return state, out
+
+
+def test_rules_evaluate_category_tier_campaign_birthday_and_first_purchase_bonus():
+    r = rules(
+        first_purchase_bonus=100,
+        birthday_month_multiplier=Decimal(2),
+        campaigns=[Campaign(name="Spring", start=date(1997, 3, 1), end=date(1997, 3, 7), multiplier=Decimal(2))],
+    )
+    d = LoyaltyDomain(r)
+    jazz = [
+        PurchaseLine(sku="a", category="jazz", quantity=2, unit_price=Decimal("10.00")),
+        PurchaseLine(sku="b", category="rock", quantity=1, unit_price=Decimal("20.00")),
+    ]
+    state, out = run(d, [register(birthday=date(1970, 6, 15)), buy(total="40.00", lines=jazz)])
+    earned = [(e.data.points, e.data.reason) for e in out if e.type == "PointsEarned"]
+    assert earned == [(50, "purchase: 40.00 USD x 1"), (100, "first purchase bonus")]  # 20x1.5 + 20
+    # Silver from here (spend 40 + 80 >= 100): x1.1 next time; a campaign week doubles.
+    state, out = run(d, [buy("o2", "80.00", at=datetime(1997, 2, 1, tzinfo=UTC))], state)
+    assert state["tier"] == "Silver"
+    state, out = run(d, [buy("o3", "10.00", at=datetime(1997, 3, 3, tzinfo=UTC))], state)
+    assert [e.data.points for e in out if e.type == "PointsEarned"] == [22]  # 10 x 1.1 x 2
+    # Birthday month (June): x2.
+    state, out = run(d, [buy("o4", "10.00", at=datetime(1997, 6, 20, tzinfo=UTC))], state)
+    (e,) = [e for e in out if e.type == "PointsEarned"]
+    assert e.data.points == 22 and "birthday month x 2" in e.data.reason
+    assert audit(state) == []
+
+
+def test_an_unknown_currency_is_refused_with_a_reason():
+    d = LoyaltyDomain(rules())
+    ev = buy()
+    bad = ev.model_copy(update={"data": ev.data.model_copy(update={"currency": "JPY"})})
+    with pytest.raises(ValueError, match="no earning rule for currency JPY"):
+        d.apply(None, bad, T0)
+
+
+def test_refunds_reverse_proportionally_and_can_leave_a_negative_balance():
+    d = LoyaltyDomain(rules())
+    state, _ = run(d, [buy("o1", "40.00")])
+    assert state["balance"] == 40
+    state, out = run(d, [refund("o1", "10.00", "r1")], state)
+    assert [(e.type, e.data.points, e.data.balance) for e in out] == [("PointsReversed", 10, 30)]
+    state, out = run(d, [refund("o1", "10.00", "r1")], state)  # the same refund again
+    assert out == [] and state["balance"] == 30
+    state, _ = run(d, [redeem(25, reward="small")], state)
+    assert state["balance"] == 5
+    state, out = run(d, [refund("o1", "30.00", "r2")], state)  # the rest of the order
+    assert [(e.data.points, e.data.balance) for e in out] == [(30, -25)]
+    assert state["debt"] == 25 and audit(state) == []
+    # The next points pay the debt off first.
+    state, _ = run(d, [buy("o2", "40.00", at=T0 + timedelta(days=1))], state)
+    assert state["balance"] == 15 and state["debt"] == 0 and sum(x["remaining"] for x in state["lots"]) == 15
+    assert audit(state) == []
+
+
+def test_lots_are_spent_first_to_expire_first_and_expire_with_a_notice():
+    d = LoyaltyDomain(rules(expiry_months=1))
+    state, _ = run(d, [buy("o1", "60.00"), buy("o2", "70.00", at=T0 + timedelta(days=10))])
+    state, _ = run(d, [redeem(50, at=T0 + timedelta(days=11))], state)
+    assert [(x["points"], x["remaining"]) for x in state["lots"]] == [(60, 10), (70, 70)]
+    # Seven days before the second lot expires: a notice (the first lot's 10 points are too few).
+    notice_day = datetime(1997, 2, 13, tzinfo=UTC)
+    assert d.due(state, T0) == datetime(1997, 2, 10, tzinfo=UTC)  # the first lot's expiry
+    state, out = d.tick(state, "c1", datetime(1997, 2, 10, tzinfo=UTC))
+    assert [(e.type, e.data.points, e.data.balance) for e in out] == [("PointsExpired", 10, 70)]
+    state, out = d.tick(state, "c1", notice_day)
+    assert [(e.type, e.data.kind, e.data.template_data["points"]) for e in out] == [
+        ("CareRequested", "points_expiring", 70)
+    ]
+    state, out = d.tick(state, "c1", datetime(1997, 2, 20, tzinfo=UTC))
+    assert [(e.type, e.data.points, e.data.balance) for e in out] == [("PointsExpired", 70, 0)]
+    assert state["lots"] == [] and audit(state) == []
+    again, out = d.tick(state, "c1", datetime(1997, 2, 21, tzinfo=UTC))
+    assert out == [] and again is state
+
+
+def test_tier_up_at_once_down_only_after_warning_and_grace():
+    d = LoyaltyDomain(rules())
+    state, out = run(d, [buy("o1", "120.00")])
+    assert [(e.data.from_tier, e.data.to_tier) for e in out if e.type == "TierChanged"] == [
+        (None, "Member"),
+        ("Member", "Silver"),
+    ]
+    (care,) = [e for e in out if e.type == "CareRequested"]
+    assert care.data.kind == "tier_upgrade" and care.data.template_data["perks"] == ["free shipping"]
+    # A year later the spend has left the window: the review warns, the grace period passes, then down.
+    review = datetime.fromisoformat(state["next_review"])
+    state, out = d.tick(state, "c1", review)
+    assert out == []  # still within 12 months
+    later, seen = datetime(1998, 2, 20, tzinfo=UTC), []
+    while (due := d.due(state, later)) <= later and state["downgrade"] is None:
+        state, out = d.tick(state, "c1", due)
+        seen.extend(e for e in out if e.type == "CareRequested" and e.data.kind == "tier_downgrade_warning")
+    (warning,) = seen
+    assert warning.data.template_data["tier"] == "Silver" and state["tier"] == "Silver"
+    assert datetime(1998, 1, 10, tzinfo=UTC) <= warning.occurred_at < datetime(1998, 2, 10, tzinfo=UTC)
+    grace_end = datetime.fromisoformat(state["downgrade"]["at"])
+    # Buying again before the grace ends keeps the tier.
+    kept, _ = run(d, [buy("o2", "150.00", at=grace_end - timedelta(days=1))], state)
+    assert kept["downgrade"] is None and kept["tier"] == "Silver"
+    state, out = d.tick(state, "c1", grace_end)
+    assert [(e.data.from_tier, e.data.to_tier, e.data.reason) for e in out] == [
+        ("Silver", "Member", "downgrade after the grace period")
+    ]
+    assert state["next_review"] is None
+
+
+def test_a_referral_rewards_both_customers_once():
+    d = LoyaltyDomain(rules())
+    state, _ = run(d, [register("new", referred_by="old")])
+    state, out = run(
+        d, [buy("o1", "10.00", cid="new"), buy("o2", "10.00", cid="new", at=T0 + timedelta(days=1))], state
+    )
+    earned = [(e.data.points, e.data.reason) for e in out if e.type == "PointsEarned"]
+    assert (100, "referral: welcome bonus (referred by old)") in earned
+    (qualified,) = [e for e in out if isinstance(e, ReferralQualified)]
+    assert qualified.customer_id == "old" and qualified.data.referee_id == "new"
+    referrer, out = run(d, [qualified, qualified])
+    assert [(e.data.points, e.data.reason) for e in out if e.type == "PointsEarned"] == [
+        (200, "referral: new made a first purchase")
+    ]
+    assert referrer["balance"] == 200 and audit(referrer) == []
+    # Referring oneself, or naming a referrer after the first purchase, earns nothing.
+    _, out = run(d, [register("me", referred_by="me"), buy("o9", "10.00", cid="me")])
+    assert not any(isinstance(e, ReferralQualified) for e in out)
+
+
+def test_redemptions_are_rejected_with_a_reason():
+    d = LoyaltyDomain(rules())
+    state, _ = run(d, [buy("o1", "60.00")])
+    requests = [
+        redeem(50, "x1"),
+        redeem(50, "x1"),
+        redeem(50, "x2", reward="yacht"),
+        redeem(40, "x4"),
+        redeem(50, "x3"),
+    ]
+    state, out = run(d, requests, state)
+    assert [(e.type, getattr(e.data, "reason", None)) for e in out] == [
+        ("PointsRedeemed", None),
+        ("RedemptionRejected", "duplicate_redemption_id"),
+        ("RedemptionRejected", "unknown_reward"),
+        ("RedemptionRejected", "unknown_reward"),  # the voucher costs 50, not 40
+        ("RedemptionRejected", "insufficient_balance"),
+    ]
+    assert state["balance"] == 10 and audit(state) == []
+
+
+def test_the_rules_file_is_checked_with_clear_errors(tmp_path):
+    assert load_rules().tiers[0].name == "Member"  # the shipped deploy/config/loyalty.toml
+    bad = tmp_path / "rules.toml"
+    bad.write_text('points_per_unit = {usd = 1}\n[[tiers]]\nname = "Gold"\nthreshold = 5\n')
+    with pytest.raises(RulesError, match="first tier \\(Gold\\) must have threshold 0"):
+        load_rules(bad)
+    with pytest.raises(RulesError, match="not found"):
+        load_rules(tmp_path / "missing.toml")
+
+
+def test_months_are_added_on_the_calendar():
+    assert add_months(date(1997, 1, 31), 1) == date(1997, 2, 28)
+    assert add_months(date(1997, 11, 15), 14) == date(1999, 1, 15)
+    assert add_months(date(1997, 3, 1), -13) == date(1996, 2, 1)
+
+
+# -- properties -----------------------------------------------------------------
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("buy"), st.integers(1, 30_000)),
+        st.tuples(st.just("refund"), st.integers(1, 40_000)),
+        st.tuples(st.just("redeem"), st.integers(1, 400)),
+        st.tuples(st.just("wait"), st.integers(1, 200)),
+    ),
+    max_size=40,
+)
+
+
+def _events(plan):
+    """A timeline of shop events from a plan; refunds name an earlier order (or none)."""
+    at, orders, out, n = T0, [], [], 0
+    for op, x in plan:
+        n += 1
+        if op == "wait":
+            at += timedelta(days=x)
+            out.append(("tick", at))
+            continue
+        if op == "buy":
+            orders.append(f"o{n}")
+            out.append(("event", buy(f"o{n}", f"{x / 100:.2f}", at=at)))
+        elif op == "refund":
+            order = orders[x % len(orders)] if orders else "none"
+            out.append(("event", refund(order, f"{x / 100:.2f}", f"r{n}", at=at)))
+        else:
+            out.append(("event", redeem(x, f"x{n}", at=at)))
+    return out
+
+
+def _play(d, timeline, duplicate: bool):
+    state = None
+    for kind, item in timeline:
+        if kind == "tick":
+            if state is not None:
+                while (due := d.due(state, item)) is not None and due <= item:
+                    state, _ = d.tick(state, "c1", due)
+            continue
+        state, _ = d.apply(state, item, item.occurred_at)
+        if duplicate:  # redelivered (beyond the pipeline's event-id window)
+            state, _ = d.apply(state, item, item.occurred_at)
+    return state
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
+    d = LoyaltyDomain(rules(rewards={f"v{n}": n for n in range(1, 401)}, expiry_months=3))
+    timeline = [
+        (k, e.model_copy(update={"data": e.data.model_copy(update={"reward": f"v{e.data.points}"})}))
+        if k == "event" and isinstance(e, PointsRedemptionRequested)
+        else (k, e)
+        for k, e in _events(plan)
+    ]
+    once = _play(d, timeline, duplicate=False)
+    twice = _play(d, timeline, duplicate=True)
+    if once is None:
+        return
+    assert audit(once) == []
+    assert once["balance"] == sum(e["points"] for e in once["entries"])
+    assert twice == once
+    redeemed = sum(-e["points"] for e in once["entries"] if e["kind"] == "redeem")
+    assert redeemed <= sum(e["points"] for e in once["entries"] if e["kind"] == "earn")
