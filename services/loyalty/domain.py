@@ -465,7 +465,7 @@ class LoyaltyDomain:
         data = CareRequestedData(
             kind="birthday_bonus",
             purpose="marketing",
-            template_data={"multiplier": str(mult), "tier": st["tier"], "points": st["balance"]},
+            template_data={"multiplier": f"{mult.normalize():f}", "tier": st["tier"], "balance": st["balance"]},
         )
         out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=f"birthday-bonus/{local.year}",
                              occurred_at=at))  # fmt: skip

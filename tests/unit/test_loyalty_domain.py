@@ -329,3 +329,16 @@ def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
     assert twice == once
     redeemed = sum(-e["points"] for e in once["entries"] if e["kind"] == "redeem")
     assert redeemed <= sum(e["points"] for e in once["entries"] if e["kind"] == "earn")
+
+
+def test_the_birthday_bonus_message_goes_out_once_a_year_at_the_start_of_the_month():
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    state, _ = run(d, [register(birthday=date(1980, 6, 15), timezone="Asia/Shanghai")])
+    june = datetime(1997, 6, 1, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
+    assert d.due(state, T0) == june
+    state, out = d.tick(state, "c1", june)
+    assert [(e.data.kind, e.data.template_data["multiplier"]) for e in out] == [("birthday_bonus", "2")]
+    assert out[0].occurred_at == june
+    again, out = d.tick(state, "c1", june + timedelta(days=3))
+    assert out == [] and again is state
+    assert d.due(state, june) == datetime(1998, 6, 1, 1, 0, tzinfo=UTC)
