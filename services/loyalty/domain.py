@@ -43,7 +43,7 @@ from contracts.crm import (
     TierChanged,
     TierChangedData,
 )
-from contracts.envelope import derive, scheduled
+from contracts.envelope import derive, derived_id, scheduled
 from contracts.shop import (
     CustomerErasureRequested,
     CustomerRegistered,
@@ -75,6 +75,8 @@ def new_state() -> dict[str, Any]:
         "purchases": 0,
         "referral_rewarded": False,
         "referees_rewarded": [],
+        "first_purchase": None,
+        "pending_refunds": {},
         "birthday_year": None,
         "notified_lots": [],
         "erased": False,
@@ -89,6 +91,7 @@ def _copy(state) -> dict[str, Any]:
         st[k] = list(state[k])
     st["lots"] = [dict(lot) for lot in state["lots"]]
     st["orders"] = {k: dict(v) for k, v in state["orders"].items()}
+    st["pending_refunds"] = {k: list(v) for k, v in state["pending_refunds"].items()}
     st["profile"] = dict(state["profile"])
     st["downgrade"] = dict(state["downgrade"]) if state["downgrade"] else None
     return st
@@ -133,12 +136,18 @@ class LoyaltyDomain:
             self._profile(st, event)
             if st["tier"] is None:
                 self._join(st, event, out)
-        elif isinstance(event, PurchaseCompleted):
-            self._purchase(st, event, out)
-        elif isinstance(event, PurchaseRefunded):
-            self._refund(st, event, out)
-        elif isinstance(event, PointsRedemptionRequested):
-            self._redeem(st, event, out)
+            if st.get("first_purchase") and not st["referral_rewarded"]:
+                self._referee_reward(st, event, out)  # the registration came after the first purchase
+        elif isinstance(event, PurchaseCompleted | PurchaseRefunded | PointsRedemptionRequested):
+            # Lots past their date are gone before anything is spent or reversed at this event's
+            # time, whether or not the time-driven sweep got there first.
+            self._expire(st, event.customer_id, _day(event.occurred_at), out)
+            if isinstance(event, PurchaseCompleted):
+                self._purchase(st, event, out)
+            elif isinstance(event, PurchaseRefunded):
+                self._refund(st, event, out)
+            else:
+                self._redeem(st, event, out)
         elif isinstance(event, ReferralQualified):
             self._referrer_reward(st, event, out)
         elif isinstance(event, CustomerErasureRequested):
@@ -155,8 +164,14 @@ class LoyaltyDomain:
             p["birthday"] = d.birthday.isoformat()
         if d.timezone is not None:
             p["timezone"] = d.timezone
-        # A referral counts only when stated before the first purchase, and never by oneself.
-        if d.referred_by and d.referred_by != ev.customer_id and st["purchases"] == 0:
+        # A referral counts only when stated before the first purchase (in event time: the two
+        # come on different topics), and never by oneself.
+        first = st.get("first_purchase")
+        if (
+            d.referred_by
+            and d.referred_by != ev.customer_id
+            and (first is None or ev.occurred_at <= datetime.fromisoformat(first["at"]))
+        ):
             p["referred_by"] = d.referred_by
 
     def _join(self, st, ev: Event, out) -> None:
@@ -179,19 +194,29 @@ class LoyaltyDomain:
             self._join(st, ev, out)
         points, why = self.points_for(st, ev)
         day = _day(ev.occurred_at)
-        st["orders"][d.order_id] = {"total": str(d.total), "points": points, "reversed": 0, "lot": None}
+        st["orders"][d.order_id] = {
+            "total": str(d.total), "currency": d.currency, "points": points, "reversed": 0, "expired": 0,
+            "refunded": "0", "lot": None,
+        }  # fmt: skip
         st["purchases"] += 1
-        self._add_spend(st, day, d.total, points)
+        self._add_spend(st, day, d.total, d.currency, points)
         if points:
             lot = self._earn(st, ev, points, why, d.order_id, out)
             st["orders"][d.order_id]["lot"] = lot
         if st["purchases"] == 1:
+            st["first_purchase"] = {"at": ev.occurred_at.isoformat(), "order_id": d.order_id}
             if self.rules.first_purchase_bonus:
                 self._earn(st, ev, self.rules.first_purchase_bonus, "first purchase bonus", d.order_id, out, "first")
             self._referee_reward(st, ev, out)
+        for pending in st["pending_refunds"].pop(d.order_id, []):
+            # A refund that came before its purchase (another topic, or a purchase replayed from
+            # the dead-letter topic) is applied now.
+            self._reverse(st, ev.customer_id, d.order_id, pending, out)
         self._upgrade(st, ev, out)
 
-    def _add_spend(self, st, day: date, amount: Decimal, points: int) -> None:
+    def _add_spend(self, st, day: date, amount: Decimal, currency: str, points: int) -> None:
+        # Spend counts in the tier currency; others are converted at the ratio of their earning rates.
+        amount = self.rules.in_tier_currency(amount, currency)
         # Only the qualifying window (and a month more) is kept: older rows never count again.
         since = add_months(day, -self.rules.qualifying_months - 1).isoformat()
         st["spend"] = [row for row in st["spend"] if row[0] > since] + [[day.isoformat(), str(amount), points]]
@@ -239,27 +264,50 @@ class LoyaltyDomain:
         if d.refund_id in st["refunds"]:
             return
         st["refunds"] = [*st["refunds"], d.refund_id][-KEPT_KEYS:]
-        day = _day(ev.occurred_at)
-        order = st["orders"].get(d.order_id)
-        if order is None:
-            self._add_spend(st, day, -d.amount, 0)
-            return  # an order this ledger never earned on: nothing to reverse
-        total = Decimal(order["total"])
-        left = order["points"] - order["reversed"]
-        refunded = min(d.amount, total)
-        share = (Decimal(order["points"]) * refunded / total) if total > 0 else Decimal(0)
-        points = min(left, int(share.to_integral_value(rounding=ROUND_HALF_UP)))
-        order["refunded"] = str(Decimal(order.get("refunded", "0")) + refunded)
-        if Decimal(order["refunded"]) >= total:
-            points = left  # fully refunded: everything still earned on it goes back, rounding included
-        self._add_spend(st, day, -refunded, -points)
+        refund = {"refund_id": d.refund_id, "amount": str(d.amount), "currency": d.currency,
+                  "at": ev.occurred_at.isoformat(), "cause": str(ev.event_id), "root": str(ev.root_id)}  # fmt: skip
+        if d.order_id not in st["orders"]:
+            st["pending_refunds"].setdefault(d.order_id, []).append(refund)
+            return  # applied when the purchase arrives
+        self._reverse(st, ev.customer_id, d.order_id, refund, out)
+
+    def _reverse(self, st, cid: str, order_id: str, refund: dict, out) -> None:
+        order = st["orders"][order_id]
+        if refund["currency"] != order["currency"]:
+            raise ValueError(
+                f"refund {refund['refund_id']} is in {refund['currency']}, order {order_id} in {order['currency']}"
+            )
+        total, before = Decimal(order["total"]), Decimal(order["refunded"])
+        refunded = min(Decimal(refund["amount"]), max(total - before, Decimal(0)))  # never more than the order
+        order["refunded"] = str(before + refunded)
+        at = datetime.fromisoformat(refund["at"])
+        self._add_spend(st, _day(at), -refunded, order["currency"], 0)
+        # The share of the order's points due back so far, minus what already went back (no drift
+        # across several partial refunds); points of the order that expired are not taken twice.
+        due = Decimal(order["points"]) * (before + refunded) / total if total > 0 else Decimal(0)
+        target = int(due.to_integral_value(rounding=ROUND_HALF_UP))
+        points = min(target - order["reversed"], order["points"] - order["reversed"] - order["expired"])
         if points <= 0:
             return
         order["reversed"] += points
         self._spend(st, points, first_lot=order["lot"])
-        entry = self._entry(st, ev, -points, "reverse", f"refund {d.refund_id} of order {d.order_id}", d.order_id)
-        data = PointsReversedData(order_id=d.order_id, refund_id=d.refund_id, points=points, balance=entry["balance"])
-        out.append(derive(PointsReversed, ev, data, producer=PRODUCER))
+        cause = uuid.UUID(refund["cause"])
+        reason = f"refund {refund['refund_id']} of order {order_id}"
+        entry = self._entry_at(st, at, str(cause), -points, "reverse", reason, order_id)
+        data = PointsReversedData(
+            order_id=order_id, refund_id=refund["refund_id"], points=points, balance=entry["balance"]
+        )
+        out.append(
+            PointsReversed(
+                event_id=derived_id(cause, "PointsReversed", ""),
+                occurred_at=at,
+                producer=PRODUCER,
+                customer_id=cid,
+                causation_id=cause,
+                correlation_id=uuid.UUID(refund["root"]),
+                data=data,
+            )
+        )
 
     def _redeem(self, st, ev: PointsRedemptionRequested, out) -> None:
         d = ev.data
@@ -285,20 +333,22 @@ class LoyaltyDomain:
         out.append(derive(PointsRedeemed, ev, data, producer=PRODUCER))
 
     # -- referrals -------------------------------------------------------------
-    def _referee_reward(self, st, ev: PurchaseCompleted, out) -> None:
+    def _referee_reward(self, st, ev: Event, out) -> None:
+        """Called at the first purchase, or at a registration read after it (`ev` is then that)."""
         referrer = st["profile"]["referred_by"]
-        if not referrer or st["referral_rewarded"]:
+        if not referrer or st["referral_rewarded"] or not st["first_purchase"]:
             return
         st["referral_rewarded"] = True
+        order_id = st["first_purchase"]["order_id"]
         if self.rules.referee_bonus:
             self._earn(st, ev, self.rules.referee_bonus, f"referral: welcome bonus (referred by {referrer})",
-                       ev.data.order_id, out, "referee")  # fmt: skip
+                       order_id, out, "referee")  # fmt: skip
         # The referrer's account is another customer's document: the reward travels as an event.
         out.append(
             derive(
                 ReferralQualified,
                 ev,
-                ReferralQualifiedData(referee_id=ev.customer_id, order_id=ev.data.order_id),
+                ReferralQualifiedData(referee_id=ev.customer_id, order_id=order_id),
                 producer=PRODUCER,
             ).model_copy(update={"customer_id": referrer})
         )
@@ -354,10 +404,14 @@ class LoyaltyDomain:
         st = _copy(state)
         out: list[Event] = []
         today = _day(now)
-        self._expire(st, customer_id, today, out)
-        self._expiring_notice(st, customer_id, today, out)
-        self._review(st, customer_id, now, out)
-        self._birthday(st, customer_id, now, out)
+        for _ in range(48):  # catch up on what fell due meanwhile (reviews, a downgrade after them)
+            before = len(out), st["next_review"], st["downgrade"], st["birthday_year"]
+            self._expire(st, customer_id, today, out)
+            self._expiring_notice(st, customer_id, today, out)
+            self._review(st, customer_id, now, out)
+            self._birthday(st, customer_id, now, out)
+            if (len(out), st["next_review"], st["downgrade"], st["birthday_year"]) == before:
+                break
         if not out and st == state:
             return state, []
         return st, out
@@ -381,6 +435,9 @@ class LoyaltyDomain:
             if lot["remaining"] <= 0 or date.fromisoformat(lot["expires_on"]) > today:
                 continue
             points, lot["remaining"] = lot["remaining"], 0
+            for order in st["orders"].values():
+                if order["lot"] == lot["id"]:
+                    order["expired"] += points  # a later refund of that order does not take them twice
             at = _at(date.fromisoformat(lot["expires_on"]))
             cause = uuid.uuid5(uuid.NAMESPACE_URL, f"loyalty/{cid}/lot/{lot['id']}")
             entry = self._entry_at(st, at, str(cause), -points, "expire", f"lot {lot['id']} expired", lot["id"])
@@ -404,7 +461,7 @@ class LoyaltyDomain:
             if not self._notice_pending(st, lot) or self._notice_at(lot) > _at(today):
                 continue
             st["notified_lots"] = [*st["notified_lots"], lot["id"]][-KEPT_KEYS:]
-            at = max(self._notice_at(lot), _at(today))
+            at = self._notice_at(lot)
             data = CareRequestedData(
                 kind="points_expiring",
                 purpose="marketing",
@@ -417,7 +474,8 @@ class LoyaltyDomain:
         today = _day(now)
         pending = st["downgrade"]
         if pending and datetime.fromisoformat(pending["at"]) <= now:
-            target = self.rules.tier_for(self.qualifying(st, today))
+            # Judged as of the moment it was due, whenever the sweep gets to it.
+            target = self.rules.tier_for(self.qualifying(st, _day(datetime.fromisoformat(pending["at"]))))
             if self.rules.rank(target.name) < self.rules.rank(st["tier"]):
                 self._change_tier(st, cid, target.name, "downgrade after the grace period", today,
                                   datetime.fromisoformat(pending["at"]), out, cause=None)  # fmt: skip
@@ -427,6 +485,9 @@ class LoyaltyDomain:
             return
         at = datetime.fromisoformat(review)
         st["next_review"] = (at + timedelta(days=self.rules.review_days)).isoformat()
+        if st["downgrade"] and datetime.fromisoformat(st["downgrade"]["at"]) <= at:
+            return  # the pending downgrade is decided first (next round of the catch-up loop)
+        today = _day(at)
         target = self.rules.tier_for(self.qualifying(st, today))
         if self.rules.rank(target.name) >= self.rules.rank(st["tier"]) or st["downgrade"]:
             return
@@ -473,7 +534,8 @@ class LoyaltyDomain:
     # -- the ledger --------------------------------------------------------------
     def _earn(self, st, ev: Event, points: int, reason: str, ref: str, out, tag: str = "") -> str:
         day = _day(ev.occurred_at)
-        lot_id = f"{day.isoformat()}/{len(st['entries']) + 1}"
+        # From the cause, not from a counter: the same lot whatever was expired or spent before.
+        lot_id = f"{day.isoformat()}/{derived_id(ev.event_id, 'lot', tag or 'earn').hex[:12]}"
         expires = add_months(day, self.rules.expiry_months)
         pay = min(st["debt"], points)  # a negative balance is paid off first
         st["debt"] -= pay
@@ -483,7 +545,7 @@ class LoyaltyDomain:
         )  # fmt: skip
         entry = self._entry(st, ev, points, "earn", reason, ref)
         data = PointsEarnedData(
-            order_id=ref if isinstance(ev, PurchaseCompleted) else None,
+            order_id=ref if isinstance(ev, PurchaseCompleted | CustomerRegistered | CustomerUpdated) else None,
             reason=reason[:200],
             points=points,
             balance=entry["balance"],

@@ -10,7 +10,7 @@ import tomllib
 from datetime import date
 from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -49,19 +49,25 @@ class Campaign(_Strict):
         return self.start <= day <= self.end and (not self.categories or category in self.categories)
 
 
+Rate = Annotated[Decimal, Field(ge=0, le=10_000)]
+Days = Annotated[int, Field(ge=0, le=3650)]
+
+
 class Rules(_Strict):
-    points_per_unit: dict[str, Decimal] = Field(description="base points per unit of each currency earned in")
-    category_multipliers: dict[str, Decimal] = Field(default_factory=dict)
+    points_per_unit: dict[str, Rate] = Field(description="base points per unit of each currency earned in")
+    # Tier thresholds are amounts in this currency; spend in others converts at the ratio of the rates.
+    tier_currency: str = "USD"
+    category_multipliers: dict[str, Rate] = Field(default_factory=dict)
     campaigns: list[Campaign] = Field(default_factory=list)
     first_purchase_bonus: int = Field(0, ge=0)
     birthday_month_multiplier: Decimal = Field(Decimal(1), ge=1)
     expiry_months: int = Field(12, ge=1, le=120)
-    expiring_notice_days: int = Field(7, ge=0)
+    expiring_notice_days: Days = 7
     expiring_notice_min_points: int = Field(50, ge=0, description="smaller amounts expire without a message")
     qualify_by: Literal["spend", "points"] = "spend"
-    qualifying_months: int = Field(12, ge=1)
-    review_days: int = Field(30, ge=1, description="how often a customer's tier is reviewed for a downgrade")
-    downgrade_grace_days: int = Field(30, ge=0, description="between the warning and the downgrade")
+    qualifying_months: int = Field(12, ge=1, le=120)
+    review_days: int = Field(30, ge=1, le=3650, description="how often a customer's tier is reviewed for a downgrade")
+    downgrade_grace_days: Days = Field(30, description="between the warning and the downgrade")
     tiers: list[Tier]
     referrer_bonus: int = Field(0, ge=0)
     referee_bonus: int = Field(0, ge=0)
@@ -86,7 +92,15 @@ class Rules(_Strict):
         for currency in self.points_per_unit:
             if len(currency) != 3 or not currency.isupper():
                 raise ValueError(f"{currency!r} is not an ISO 4217 currency code")
+        if not self.points_per_unit.get(self.tier_currency):
+            raise ValueError(f"tier_currency {self.tier_currency} needs a rate above 0 in points_per_unit")
         return self
+
+    def in_tier_currency(self, amount: Decimal, currency: str) -> Decimal:
+        if currency == self.tier_currency:
+            return amount
+        rate = self.points_per_unit.get(currency, Decimal(0))
+        return (amount * rate / self.points_per_unit[self.tier_currency]).quantize(Decimal("0.01"))
 
     def tier(self, name: str | None) -> Tier:
         return next((t for t in self.tiers if t.name == name), self.tiers[0])

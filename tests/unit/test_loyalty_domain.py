@@ -296,14 +296,20 @@ def _events(plan):
     return out
 
 
-def _play(d, timeline, duplicate: bool):
+def _catch_up(d, state, until):
+    while state is not None and (due := d.due(state, until)) is not None and due <= until:
+        state, _ = d.tick(state, "c1", due)
+    return state
+
+
+def _play(d, timeline, duplicate: bool, eager: bool = False):
     state = None
     for kind, item in timeline:
         if kind == "tick":
-            if state is not None:
-                while (due := d.due(state, item)) is not None and due <= item:
-                    state, _ = d.tick(state, "c1", due)
+            state = _catch_up(d, state, item)
             continue
+        if eager:  # the sweep ran right up to this event (a lagging sweep is the default)
+            state = _catch_up(d, state, item.occurred_at)
         state, _ = d.apply(state, item, item.occurred_at)
         if duplicate:  # redelivered (beyond the pipeline's event-id window)
             state, _ = d.apply(state, item, item.occurred_at)
@@ -322,8 +328,12 @@ def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
     ]
     once = _play(d, timeline, duplicate=False)
     twice = _play(d, timeline, duplicate=True)
+    eager = _play(d, timeline, duplicate=False, eager=True)
     if once is None:
         return
+    # Ticking early or late makes no difference to the books once time has caught up.
+    end = max(e.occurred_at for k, e in timeline if k == "event") if any(k == "event" for k, _ in timeline) else T0
+    assert _catch_up(d, eager, end)["entries"] == _catch_up(d, once, end)["entries"]
     assert audit(once) == []
     assert once["balance"] == sum(e["points"] for e in once["entries"])
     assert twice == once
@@ -342,3 +352,82 @@ def test_the_birthday_bonus_message_goes_out_once_a_year_at_the_start_of_the_mon
     again, out = d.tick(state, "c1", june + timedelta(days=3))
     assert out == [] and again is state
     assert d.due(state, june) == datetime(1998, 6, 1, 1, 0, tzinfo=UTC)
+
+
+def test_expired_points_are_neither_spent_nor_reversed_twice_whatever_the_sweep_did():
+    d = LoyaltyDomain(rules())
+    start, _ = run(d, [buy("o1", "100.00"), buy("o2", "110.00", at=datetime(1998, 1, 20, tzinfo=UTC))])
+    late = datetime(1998, 2, 1, tzinfo=UTC)
+    swept, _ = d.tick(start, "c1", late)  # o1's lot expired on 1998-01-10
+    for state in (start, swept):
+        after, _ = run(d, [refund("o1", "100.00", "r1", at=late)], state)
+        assert after["balance"] == 121 and audit(after) == []  # o2: 110 x Silver 1.1; o1's points had expired
+        _, out = run(d, [redeem(50, "x9", at=late)], after)
+        assert [e.type for e in out if e.type.startswith(("Points", "Redemption"))][-1] == "PointsRedeemed"
+    # A redemption against points that expired yesterday is refused even if no sweep ran.
+    lone, _ = run(d, [buy("o1", "60.00")])
+    _, out = run(d, [redeem(50, "x1", at=datetime(1998, 1, 11, tzinfo=UTC))], lone)
+    assert [e.type for e in out] == ["PointsExpired", "RedemptionRejected"]
+
+
+def test_refunds_add_up_without_drift_and_never_exceed_the_order():
+    d = LoyaltyDomain(rules(points_per_unit={"USD": Decimal("1.5")}))
+    state, _ = run(d, [buy("o1", "6.00")])  # 9 points
+    state, out = run(d, [refund("o1", "1.00", f"r{i}") for i in range(3)], state)
+    assert sum(e.data.points for e in out) == 5  # half the order: 4.5, rounded half up, once
+    state, out = run(d, [refund("o1", "60.00", "r9"), refund("o1", "60.00", "r10")], state)
+    assert sum(e.data.points for e in out) == 4 and state["orders"]["o1"]["refunded"] == "6.00"
+    assert d.qualifying(state, T0.date()) == 0 and audit(state) == []
+    other = refund("o1", "1.00", "r11")
+    bad = other.model_copy(update={"data": other.data.model_copy(update={"currency": "EUR"})})
+    fresh, _ = run(d, [buy("o2", "6.00")])
+    with pytest.raises(ValueError, match="refund r11 is in EUR, order o1 in USD"):
+        run(d, [buy("o1", "6.00"), bad], fresh)
+
+
+def test_a_refund_before_its_purchase_is_applied_when_the_purchase_arrives():
+    d = LoyaltyDomain(rules())
+    state, out = run(d, [refund("o1", "10.00", "r1", at=T0 + timedelta(hours=1))])
+    assert out == [] and state["balance"] == 0
+    state, out = run(d, [buy("o1", "40.00")], state)
+    assert [(e.type, e.data.points) for e in out if e.type.startswith("Points")] == [
+        ("PointsEarned", 40),
+        ("PointsReversed", 10),
+    ]
+    assert state["balance"] == 30 and audit(state) == []
+
+
+def test_a_registration_read_after_the_first_purchase_still_pays_the_referral():
+    d = LoyaltyDomain(rules())
+    state, _ = run(d, [buy("o1", "10.00", cid="new", at=T0 + timedelta(hours=1))])
+    state, out = run(d, [register("new", at=T0, referred_by="old")], state)
+    assert [e.customer_id for e in out if isinstance(e, ReferralQualified)] == ["old"]
+    assert state["balance"] == 10 + 100 and audit(state) == []
+    # Named only after the first purchase (in event time): no referral.
+    state, _ = run(d, [buy("o1", "10.00", cid="late")])
+    _, out = run(d, [register("late", at=T0 + timedelta(days=1), referred_by="old")], state)
+    assert not any(isinstance(e, ReferralQualified) for e in out)
+
+
+def test_tiers_and_expiry_ids_do_not_depend_on_how_often_the_sweep_runs():
+    d = LoyaltyDomain(rules(qualifying_months=1, review_days=7, downgrade_grace_days=7))
+    events = [buy("o1", "300.00"), buy("o2", "150.00", at=datetime(1997, 3, 20, tzinfo=UTC))]
+
+    def play(step_days):
+        state, out = None, []
+        clock = T0
+        for ev in events:
+            while clock + timedelta(days=step_days) < ev.occurred_at and state is not None:
+                clock += timedelta(days=step_days)
+                state, derived = d.tick(state, "c1", clock)
+                out += derived
+            state, derived = d.apply(state, ev, ev.occurred_at)
+            out += derived
+        state, derived = d.tick(state, "c1", datetime(1998, 6, 1, tzinfo=UTC))
+        return state, out + derived
+
+    daily, daily_out = play(1)
+    sparse, sparse_out = play(45)
+    assert daily["tier"] == sparse["tier"] and daily["entries"] == sparse["entries"]
+    ids = lambda out: sorted(str(e.event_id) for e in out if e.type in ("TierChanged", "PointsExpired"))  # noqa: E731
+    assert ids(daily_out) == ids(sparse_out)
