@@ -431,7 +431,7 @@ class LoyaltyDomain:
         return min(times) if times else None
 
     def _expire(self, st, cid: str, today: date, out) -> None:
-        for lot in sorted(st["lots"], key=lambda x: (x["expires_on"], x["id"])):
+        for lot in sorted(st["lots"], key=_fifo):
             if lot["remaining"] <= 0 or date.fromisoformat(lot["expires_on"]) > today:
                 continue
             points, lot["remaining"] = lot["remaining"], 0
@@ -541,7 +541,7 @@ class LoyaltyDomain:
         st["debt"] -= pay
         st["lots"].append(
             {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
-             "remaining": points - pay}
+             "remaining": points - pay, "seq": len(st["entries"]) + 1}
         )  # fmt: skip
         entry = self._entry(st, ev, points, "earn", reason, ref)
         data = PointsEarnedData(
@@ -556,7 +556,7 @@ class LoyaltyDomain:
 
     def _spend(self, st, points: int, first_lot: str | None = None) -> None:
         """Take points from the lots, the given lot first, then first-to-expire first; the rest is debt."""
-        lots = sorted(st["lots"], key=lambda x: (x["id"] != first_lot, x["expires_on"], x["id"]))
+        lots = sorted(st["lots"], key=lambda x: (x["id"] != first_lot, *_fifo(x)))
         left = points
         for lot in lots:
             if left == 0:
@@ -589,6 +589,11 @@ class LoyaltyDomain:
     def _care(self, cause: Event, kind: str, template: dict) -> Event:
         data = CareRequestedData(kind=kind, purpose="marketing", template_data=template)
         return derive(CareRequested, cause, data, producer=PRODUCER, discriminator=kind)
+
+
+def _fifo(lot: dict) -> tuple:
+    """First to expire first; among lots expiring together, the first earned."""
+    return lot["expires_on"], lot["earned_on"], lot.get("seq", 0)
 
 
 def audit(state: dict[str, Any]) -> list[str]:
