@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,10 +16,13 @@ from services.runtime.records import (
     DLQ_OFFSET,
     DLQ_PARTITION,
     DLQ_REASON,
+    DLQ_TRUNCATED,
     header,
     strip_dlq_headers,
 )
 from services.runtime.settings import CommonSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,6 +116,10 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
         count = 0
         futures = []
         async for dl in _read(consumer, parts):
+            if header(dl.headers, DLQ_TRUNCATED) is not None:
+                # Refused for its size: only a prefix was kept, and it could never be processed anyway.
+                log.warning("not replaying %s[%d]@%d: truncated oversized message", name, dl.partition, dl.offset)
+                continue
             futures.append(
                 await producer.send(target, dl.value, key=dl.key, headers=list(strip_dlq_headers(dl.headers)))
             )

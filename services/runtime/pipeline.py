@@ -13,6 +13,7 @@ time has come, then the same single write and publish.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
@@ -26,10 +27,12 @@ from contracts import Event, InvalidMessage, Registry
 from contracts.topics import dlq
 from services.runtime.clock import Clock
 from services.runtime.logs import customer_id_var, event_id_var
-from services.runtime.records import DeadLetter, Record
+from services.runtime.records import DLQ_SHA256, DLQ_TRUNCATED, DeadLetter, Record
 from services.runtime.statestore import CustomerDoc, OutboxEntry, StateStore, with_backoff
 
 log = logging.getLogger(__name__)
+
+TRUNCATED_PREFIX = 64 * 1024  # what an oversized message keeps in its dead letter
 
 
 class Domain(Protocol):
@@ -77,6 +80,7 @@ class Pipeline:
         service: str,
         domain: Domain,
         registry: Registry,
+        registries: dict[str, Registry] | None = None,
         store: StateStore,
         publisher: Publisher,
         clock: Clock,
@@ -90,6 +94,8 @@ class Pipeline:
         self.service = service
         self.domain = domain
         self.registry = registry
+        # Per physical topic: an event type is accepted only on its own topic.
+        self.registries = registries or {}
         self.store = store
         self.publisher = publisher
         self.clock = clock
@@ -117,7 +123,7 @@ class Pipeline:
             if rec.offset > self.last_offsets.get(src, -1):
                 self.last_offsets[src] = rec.offset
             try:
-                event = self.registry.parse(rec.value, rec.key)
+                event = self.registries.get(rec.topic, self.registry).parse(rec.value, rec.key)
             except InvalidMessage as exc:
                 result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
                 continue
@@ -253,7 +259,17 @@ class Pipeline:
                 sent.append((doc, entry))
         for dl in dead_letters:
             physical_dlq = dlq(dl.record.topic)
-            messages.append((physical_dlq, dl.record.key, dl.record.value, dl.headers()))
+            value, headers = dl.record.value, dl.headers()
+            limit = getattr(self.registry, "max_bytes", None)
+            if value is not None and limit is not None and len(value) > limit:
+                # Refused for its size, it would not fit the dead-letter topic either (and a publish that
+                # can never succeed would hold the partition): keep a prefix, the size and a digest.
+                headers += (
+                    (DLQ_TRUNCATED, str(len(value)).encode()),
+                    (DLQ_SHA256, hashlib.sha256(value).hexdigest().encode()),
+                )
+                value = value[:TRUNCATED_PREFIX]
+            messages.append((physical_dlq, dl.record.key, value, headers))
             log.warning(
                 "dead-lettered %s[%d]@%d to %s: %s",
                 dl.record.topic,

@@ -14,7 +14,10 @@ DLQ_PARTITION = "x-dlq-source-partition"
 DLQ_OFFSET = "x-dlq-source-offset"
 DLQ_CONSUMER = "x-dlq-consumer"
 DLQ_AT = "x-dlq-at"
-DLQ_HEADERS = (DLQ_REASON, DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_CONSUMER, DLQ_AT)
+# On a message too large to keep whole: its original length and SHA-256 (the value is a prefix).
+DLQ_TRUNCATED = "x-dlq-truncated"
+DLQ_SHA256 = "x-dlq-sha256"
+DLQ_HEADERS = (DLQ_REASON, DLQ_TOPIC, DLQ_PARTITION, DLQ_OFFSET, DLQ_CONSUMER, DLQ_AT, DLQ_TRUNCATED, DLQ_SHA256)
 # The reason header is truncated: a pydantic error list can be long, a header should not be.
 MAX_REASON = 2000
 

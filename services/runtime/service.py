@@ -87,6 +87,7 @@ class ServiceHost:
             service=spec.name,
             domain=spec.domain,
             registry=registry_for(*spec.consumes, max_bytes=common.max_message_bytes),
+            registries={common.topic(t): registry_for(t, max_bytes=common.max_message_bytes) for t in spec.consumes},
             store=self.store,
             publisher=self.publisher,
             clock=self.clock,
