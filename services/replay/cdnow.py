@@ -1,4 +1,13 @@
-"""CDNOW purchases (1997-1998) as shop events: registrations with synthetic contact data, then purchases.
+"""CDNOW purchases (1997-1998) as shop events: registrations with synthetic contact data, then purchases,
+with sparse seeded interactions mixed in so that every feature is exercised:
+
+    referrals  5% of new customers name an earlier customer as their referrer
+    refunds    2% of purchases, 3-20 days later, partial or full
+    complaints 1% of purchases, 1-5 days later, half of them resolved a few days after
+    surveys    3% of purchases, 5-10 days later, scores 1-5
+    redemptions 1% of purchases: a voucher-5 (500 points, the default catalogue) the next day;
+                accepted or refused for the balance, both paths occur
+    consent    0.5% of purchases: an opt-out of one channel a week later
 
 Deterministic: the same file gives the same events with the same ids, so a
 second replay is recognised by every consumer and changes nothing.
@@ -15,13 +24,22 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
+from contracts import Event
 from contracts.shop import (
+    ConsentChanged,
+    ConsentChangedData,
     Consents,
     CustomerRegistered,
     CustomerRegisteredData,
+    InteractionRecorded,
+    InteractionRecordedData,
+    PointsRedemptionRequested,
+    PointsRedemptionRequestedData,
     PurchaseCompleted,
     PurchaseCompletedData,
     PurchaseLine,
+    PurchaseRefunded,
+    PurchaseRefundedData,
 )
 
 NAMESPACE = uuid.UUID("0c2d3b1a-77e4-4f38-9a43-6a1e2f9c5d01")
@@ -75,7 +93,7 @@ def _faker(locale: str):
     return Faker(locale)
 
 
-def registration(cdnow_id: str, first_day: date) -> CustomerRegistered:
+def registration(cdnow_id: str, first_day: date, referred_by: str | None = None) -> CustomerRegistered:
     """A synthetic but plausible customer: zh-CN or en, with a realistic share of opt-outs."""
     rng = _rng("customer", cdnow_id)
     chinese = rng.random() < 0.5
@@ -98,6 +116,7 @@ def registration(cdnow_id: str, first_day: date) -> CustomerRegistered:
         timezone=tz,
         preferred_channel="sms" if rng.random() < (0.6 if chinese else 0.3) else "email",
         consents=Consents(email=rng.random() < 0.85, sms=rng.random() < 0.7),
+        referred_by=referred_by,
     )
     at = datetime.combine(first_day, time(8, 0), tzinfo=UTC)
     return CustomerRegistered(
@@ -141,11 +160,71 @@ def purchase_event(p: CdnowPurchase) -> PurchaseCompleted:
     )
 
 
-def events(purchases: list[CdnowPurchase]) -> Iterator[tuple[date, CustomerRegistered | PurchaseCompleted]]:
+def events(purchases: list[CdnowPurchase], extras: bool = True) -> Iterator[tuple[date, Event]]:
     """(day, event) in event-time order: each customer registers on the day of their first purchase."""
-    registered: set[str] = set()
+    stream: list[tuple[date, int, Event]] = []
+    registered: list[str] = []
+    known: set[str] = set()
     for p in sorted(purchases, key=lambda x: (x.day, x.line_no)):
-        if p.customer not in registered:
-            registered.add(p.customer)
-            yield p.day, registration(p.customer, p.day)
-        yield p.day, purchase_event(p)
+        if p.customer not in known:
+            known.add(p.customer)
+            rng = _rng("referral", p.customer)
+            referrer = customer_id(rng.choice(registered)) if extras and registered and rng.random() < 0.05 else None
+            registered.append(p.customer)
+            stream.append((p.day, len(stream), registration(p.customer, p.day, referrer)))
+        purchase = purchase_event(p)
+        stream.append((p.day, len(stream), purchase))
+        if extras:
+            stream.extend((e.occurred_at.date(), len(stream) + i, e) for i, e in enumerate(interactions(p, purchase)))
+    stream.sort(key=lambda x: (x[0], x[1]))
+    for day, _, event in stream:
+        yield day, event
+
+
+def interactions(p: CdnowPurchase, purchase: PurchaseCompleted) -> list[Event]:
+    """The seeded extras that follow one purchase (see the module docstring)."""
+    rng = _rng("extras", p.line_no)
+    cid, order = purchase.customer_id, purchase.data.order_id
+    out: list[Event] = []
+
+    def at(days: int, hour: int) -> datetime:
+        return datetime.combine(p.day + timedelta(days=days), time(hour, 0), tzinfo=UTC) + timedelta(
+            seconds=p.line_no % 3600
+        )
+
+    def ev(cls, kind: str, when: datetime, data) -> Event:
+        return cls(
+            event_id=uuid.uuid5(NAMESPACE, f"{kind}/{p.line_no}"),
+            occurred_at=when,
+            producer="cdnow-replay",
+            customer_id=cid,
+            data=data,
+        )
+
+    if rng.random() < 0.02 and p.dollars > 0:
+        share = Decimal(1) if rng.random() < 0.5 else Decimal(rng.randrange(30, 100)) / 100
+        amount = (p.dollars * share).quantize(CENT, ROUND_HALF_UP)
+        data = PurchaseRefundedData(order_id=order, refund_id=f"rf-{p.line_no}", currency="USD", amount=amount)
+        out.append(ev(PurchaseRefunded, "refund", at(rng.randrange(3, 21), 15), data))
+    if rng.random() < 0.01:
+        ticket = f"T-{p.line_no}"
+        opened = rng.randrange(1, 6)
+        data = InteractionRecordedData(kind="complaint", channel="phone", ticket_id=ticket, ticket_status="open",
+                                       text="The CD arrived damaged.")  # fmt: skip
+        out.append(ev(InteractionRecorded, "complaint", at(opened, 10), data))
+        if rng.random() < 0.5:
+            done = InteractionRecordedData(
+                kind="complaint", channel="phone", ticket_id=ticket, ticket_status="resolved"
+            )
+            out.append(ev(InteractionRecorded, "resolved", at(opened + rng.randrange(1, 5), 16), done))
+    if rng.random() < 0.03:
+        score = rng.choices([1, 2, 3, 4, 5], weights=[1, 1, 2, 4, 4])[0]
+        data = InteractionRecordedData(kind="survey", channel="email", score=score)
+        out.append(ev(InteractionRecorded, "survey", at(rng.randrange(5, 11), 11), data))
+    if rng.random() < 0.01:
+        data = PointsRedemptionRequestedData(redemption_id=f"rd-{p.line_no}", points=500, reward="voucher-5")
+        out.append(ev(PointsRedemptionRequested, "redeem", at(1, 14), data))
+    if rng.random() < 0.005:
+        data = ConsentChangedData(channel=rng.choice(["email", "sms"]), granted=False, source="preference_centre")
+        out.append(ev(ConsentChanged, "consent", at(7, 9), data))
+    return out

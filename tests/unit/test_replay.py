@@ -30,7 +30,13 @@ def test_events_are_valid_deterministic_and_registration_comes_first():
         assert parsed == event
         if event.type == "CustomerRegistered":
             seen.add(event.customer_id)
+            assert event.data.referred_by is None or event.data.referred_by in seen  # an earlier customer
         else:
-            assert event.customer_id in seen, "a purchase before its customer registered"
+            assert event.customer_id in seen, f"a {event.type} before its customer registered"
+        if event.type == "PurchaseCompleted":
             assert sum((line.unit_price * line.quantity for line in event.data.lines), Decimal(0)) == event.data.total
     assert len(seen) == 200
+    # The extras are sparse but there.
+    kinds = {e.type for _, e in first}
+    assert {"PurchaseRefunded", "InteractionRecorded", "PointsRedemptionRequested"} <= kinds
+    assert any(e.type == "CustomerRegistered" and e.data.referred_by for _, e in first)
