@@ -64,14 +64,38 @@ def derive(
     cls: type[Event], cause: Event, data: Payload, *, producer: str, discriminator: object = "", occurred_at: Any = None
 ) -> Event:
     """Build the event that `cause` leads to, with an id that only depends on the cause."""
-    return cls(
-        event_id=derived_id(cause.event_id, cls.__name__, discriminator),
-        type=cls.__name__,
-        occurred_at=occurred_at or cause.occurred_at,
+    return derive_from_ids(
+        cls,
+        cause.event_id,
+        cause.root_id,
+        cause.customer_id,
+        data,
         producer=producer,
-        customer_id=cause.customer_id,
-        causation_id=cause.event_id,
-        correlation_id=cause.root_id,
+        discriminator=discriminator,
+        occurred_at=occurred_at or cause.occurred_at,
+    )
+
+
+def derive_from_ids(
+    cls: type[Event],
+    cause_id: uuid.UUID,
+    root_id: uuid.UUID,
+    customer_id: str,
+    data: Payload,
+    *,
+    producer: str,
+    occurred_at: Any,
+    discriminator: object = "",
+) -> Event:
+    """`derive` when only the cause's ids were kept (a request or a refund waiting in a state)."""
+    return cls(
+        event_id=derived_id(cause_id, cls.__name__, discriminator),
+        type=cls.__name__,
+        occurred_at=occurred_at,
+        producer=producer,
+        customer_id=customer_id,
+        causation_id=cause_id,
+        correlation_id=root_id,
         data=data,
     )
 

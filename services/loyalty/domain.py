@@ -43,7 +43,7 @@ from contracts.crm import (
     TierChanged,
     TierChangedData,
 )
-from contracts.envelope import derive, derived_id, scheduled
+from contracts.envelope import derive, derive_from_ids, derived_id, scheduled
 from contracts.shop import (
     CustomerErasureRequested,
     CustomerRegistered,
@@ -297,17 +297,8 @@ class LoyaltyDomain:
         data = PointsReversedData(
             order_id=order_id, refund_id=refund["refund_id"], points=points, balance=entry["balance"]
         )
-        out.append(
-            PointsReversed(
-                event_id=derived_id(cause, "PointsReversed", ""),
-                occurred_at=at,
-                producer=PRODUCER,
-                customer_id=cid,
-                causation_id=cause,
-                correlation_id=uuid.UUID(refund["root"]),
-                data=data,
-            )
-        )
+        root = uuid.UUID(refund["root"])
+        out.append(derive_from_ids(PointsReversed, cause, root, cid, data, producer=PRODUCER, occurred_at=at))
 
     def _redeem(self, st, ev: PointsRedemptionRequested, out) -> None:
         d = ev.data
@@ -539,10 +530,10 @@ class LoyaltyDomain:
         expires = add_months(day, self.rules.expiry_months)
         pay = min(st["debt"], points)  # a negative balance is paid off first
         st["debt"] -= pay
-        st["lots"].append(
-            {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
-             "remaining": points - pay, "seq": len(st["entries"]) + 1}
-        )  # fmt: skip
+        if points > pay:  # a lot fully used to pay the debt holds nothing (and would be pruned later)
+            lot = {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
+                   "remaining": points - pay, "seq": len(st["entries"]) + 1}  # fmt: skip
+            st["lots"].append(lot)
         entry = self._entry(st, ev, points, "earn", reason, ref)
         data = PointsEarnedData(
             order_id=ref if isinstance(ev, PurchaseCompleted | CustomerRegistered | CustomerUpdated) else None,

@@ -38,7 +38,7 @@ from contracts.crm import (
     ProfileUpdated,
     RetentionRequested,
 )
-from contracts.envelope import derived_id
+from contracts.envelope import derive_from_ids
 from services.notify.policy import Caps, Contact, QuietHours, decide
 
 PRODUCER = "notify"
@@ -386,15 +386,15 @@ def _uncount(st, job: dict, channel: str) -> None:
 
 
 def _outcome(cls, cid: str, job: dict, data, discriminator: str, now: datetime) -> Event:
-    rid = uuid.UUID(job["rid"])
-    return cls(
-        event_id=derived_id(rid, cls.__name__, discriminator),
-        occurred_at=now,
+    return derive_from_ids(
+        cls,
+        uuid.UUID(job["rid"]),
+        uuid.UUID(job["correlation_id"]),
+        cid,
+        data,
         producer=PRODUCER,
-        customer_id=cid,
-        causation_id=rid,
-        correlation_id=uuid.UUID(job["correlation_id"]),
-        data=data,
+        occurred_at=now,
+        discriminator=discriminator,
     )
 
 

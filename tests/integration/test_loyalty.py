@@ -3,7 +3,6 @@ partitions, the read API and the audit; then the CDNOW master replay, audited, a
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from datetime import UTC, datetime, timedelta
@@ -17,31 +16,18 @@ from services.loyalty.settings import LoyaltySettings
 from services.runtime.broker import consumer_lag
 from services.runtime.clock import EventClock
 from tests.support.backends import free_port
+from tests.support.hosts import RunningService
 from tests.support.kafka import eventually, produce, purchase, read_topic, registered, shop_event
 
 TOKEN = "loyalty-token-0123456789"
 T0 = datetime(1997, 2, 3, 12, tzinfo=UTC)
 
 
-class Running:
+class Running(RunningService):
     def __init__(self, common):
-        self.common = common.model_copy(update={"sweep_interval_s": 0.2})
-        self.settings = LoyaltySettings(http_port=free_port(), api_token=TOKEN)
-        self.host = build(self.common, self.settings, clock=EventClock())
-        self.api = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{self.settings.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-
-    async def __aenter__(self):
-        self._http = asyncio.create_task(self.host.http.serve())
-        await self.host.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.api.aclose()
-        await self.host.stop()
-        self.host.http.should_exit = True
-        await self._http
+        common = common.model_copy(update={"sweep_interval_s": 0.2})
+        settings = LoyaltySettings(http_port=free_port(), api_token=TOKEN)
+        super().__init__(build(common, settings, clock=EventClock()), common, TOKEN)
 
     async def send(self, topic: str, events: list[dict], times: int = 1) -> None:
         msgs = [(e["customer_id"].encode(), json.dumps(e).encode(), None) for e in events for _ in range(times)]

@@ -33,6 +33,7 @@ from services.runtime.cache import Cache
 from services.runtime.clock import EventClock
 from services.stack.sinks import read_mail, read_sms, sms_server, start_smtp
 from tests.support.backends import free_port
+from tests.support.hosts import RunningService
 from tests.support.kafka import eventually, produce, read_topic
 
 TOKEN = "notify-token-0123456789"
@@ -92,25 +93,10 @@ def settings_for(sinks: Sinks, **kw) -> NotifySettings:
     return NotifySettings(**values)
 
 
-class Running:
+class Running(RunningService):
     def __init__(self, common, settings: NotifySettings):
-        self.common = common.model_copy(update={"sweep_interval_s": 0.2})
-        self.settings = settings
-        self.host = build(self.common, settings, clock=EventClock())
-        self.api = httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{settings.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-
-    async def __aenter__(self):
-        self._http = asyncio.create_task(self.host.http.serve())
-        await self.host.start()
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.api.aclose()
-        await self.host.stop()
-        self.host.http.should_exit = True
-        await self._http
+        common = common.model_copy(update={"sweep_interval_s": 0.2})
+        super().__init__(build(common, settings, clock=EventClock()), common, TOKEN)
 
     async def send(self, *events, times: int = 1) -> None:
         msgs = [(e.TOPIC, e.key(), e.to_bytes()) for e in events for _ in range(times)]
