@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k dlq -x"
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-unit lint contracts stack-up stack-down bench clean
+# Debian's prometheus package gives the monitoring tests promtool and a real Prometheus (root or sudo needed).
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: tools setup run test test-unit lint contracts stack-up stack-down bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,10 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool, prometheus) for the monitoring tests"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	  || { $(SUDO) apt-get update -q >/dev/null && \
+	       $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; }
+
 run: $(STAMP)
 	$(VENV)/bin/crm up --replay cdnow
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

@@ -65,13 +65,24 @@ def _speed(value: str) -> float | None:
     return 1.0 / days_per_second
 
 
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {value!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 class _Replay(threading.Thread):
     """Plays CDNOW in its own event loop while the supervisor keeps the services alive."""
 
-    def __init__(self, common, seconds_per_day: float | None):
+    def __init__(self, common, seconds_per_day: float | None, customers: int | None = None):
         super().__init__(name="replay", daemon=True)
         self.common = common
         self.seconds_per_day = seconds_per_day
+        self.customers = customers
         self.sent = 0
         self.day = None
         self.error: BaseException | None = None
@@ -80,7 +91,7 @@ class _Replay(threading.Thread):
         self._loop = None
 
     def run(self) -> None:
-        from services.replay.cdnow import events, read_master
+        from services.replay.cdnow import events, first_customers, read_master
         from services.replay.player import play
 
         async def main() -> None:
@@ -92,7 +103,7 @@ class _Replay(threading.Thread):
 
             await play(
                 self.common,
-                events(read_master()),
+                events(first_customers(read_master(), self.customers)),
                 seconds_per_day=self.seconds_per_day,
                 progress=progress,
                 stop=self._stop,
@@ -112,22 +123,6 @@ class _Replay(threading.Thread):
             self._loop.call_soon_threadsafe(self._stop.set)
 
 
-def _total_lag(ports: list[int]) -> int | None:
-    """Sum of crm_consumer_lag over the services' /metrics; None while one does not answer."""
-    import httpx
-
-    total = 0
-    for port in ports:
-        try:
-            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        except httpx.HTTPError:
-            return None
-        total += sum(
-            int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines() if line.startswith("crm_consumer_lag{")
-        )
-    return total
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     from services.stack.supervisor import SERVICES, Supervisor, available_services
 
@@ -140,6 +135,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     extra_env = local_secrets(stack.var)
     if args.replay:
         extra_env["CRM_CLOCK"] = "event"
+    live = None
+    if sys.stdout.isatty() and not args.plain:
+        from rich.console import Console
+        from rich.live import Live
+
+        # Supervisor messages print above the live tables (rich redirects stdout while live).
+        live = Live(console=Console(), refresh_per_second=2, transient=False)
+    elif not sys.stdout.isatty():
+        os.environ.setdefault("COLUMNS", "120")  # rich's tables in logs and pipes: wide enough for the panels
     supervisor = Supervisor.for_services(stack, state, names, extra_env=extra_env)
     stop = False
 
@@ -156,34 +160,45 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.replay:
         from services.runtime.settings import CommonSettings
 
-        replay = _Replay(CommonSettings(kafka_bootstrap=state.kafka_bootstrap), args.speed)
+        replay = _Replay(CommonSettings(kafka_bootstrap=state.kafka_bootstrap), args.speed, args.customers)
         replay.start()
-        print(f"replaying CDNOW ({'as fast as possible' if args.speed is None else f'{1 / args.speed:g} day(s)/s'})")
+        pace = "as fast as possible" if args.speed is None else f"{1 / args.speed:g} day(s)/s"
+        print(f"replaying CDNOW ({pace}{f', first {args.customers:,} customers' if args.customers else ''})")
     print("running; Ctrl-C stops everything")
+    ports = {n: int(os.environ.get(f"CRM_{n.upper()}_HTTP_PORT", SERVICES[n])) for n in names}
     started = time.monotonic()
-    shown = -1
     code = 0
+    settled, last_counters = 0, None
+    view = _View(ports, live, every=1.0 if live else 10.0)
+    if live:
+        live.start()
     try:
         while not stop:
             supervisor.poll()
             time.sleep(0.5)
-            if replay is None:
+            snap = view.tick(_headline(replay, started))
+            if replay is None or not replay.finished.is_set():
                 continue
-            if replay.sent != shown:
-                shown = replay.sent
-                print(f"  replay: {replay.sent:,} events published, event day {replay.day}", flush=True)
-            if replay.finished.is_set():
-                if replay.error is not None:
-                    print(f"replay failed: {replay.error!r}", file=sys.stderr)
-                    code = 1
-                    break
-                if not args.exit_when_done:
-                    continue
-                ports = [int(os.environ.get(f"CRM_{n.upper()}_HTTP_PORT", SERVICES[n])) for n in names]
-                if _total_lag(ports) == 0:
-                    _summary(replay.sent, time.monotonic() - started, names, stack)
-                    break
+            if replay.error is not None:
+                print(f"replay failed: {replay.error!r}", file=sys.stderr)
+                code = 1
+                break
+            if not args.exit_when_done:
+                continue
+            # Caught up: every service is ready with nothing left to read, and no counter moved for
+            # a few seconds (lag counts fetched, not finished, messages: the last batch may still run).
+            snap = view.tick(_headline(replay, started), force=True)
+            settled = settled + 1 if snap.caught_up() and snap.counters() == last_counters else 0
+            last_counters = snap.counters()
+            if settled >= 6:
+                if live:
+                    live.stop()
+                    live = None
+                _summary(replay.sent, time.monotonic() - started, snap, ports, stack)
+                break
     finally:
+        if live:
+            live.stop()
         print("\nstopping")
         try:
             if replay is not None:
@@ -195,17 +210,59 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def _summary(sent: int, seconds: float, names: list[str], stack: Stack) -> None:
-    from services.stack.supervisor import SERVICES
+def _headline(replay: _Replay | None, started: float) -> str:
+    elapsed = f"{time.monotonic() - started:,.0f}s"
+    if replay is None:
+        return f"running {elapsed}"
+    done = " (all published)" if replay.finished.is_set() else ""
+    return f"replay: {replay.sent:,} events published, event day {replay.day or '-'}{done}, {elapsed}"
 
-    print(f"\nreplay done: {sent:,} events in {seconds:.0f}s, every service caught up")
-    print(f"  services: {', '.join(names) or 'none yet'}; logs in {stack.log_dir}")
-    if "notify" in names:
-        print("  e-mail: var/mail/*.eml   SMS: var/sms.jsonl")
-    for name in names:
-        port = os.environ.get(f"CRM_{name.upper()}_HTTP_PORT", SERVICES[name])
-        print(f"  {name}: http://127.0.0.1:{port}/metrics")
-    print("  dead letters: crm dlq list shop.purchases   (and shop.interactions)")
+
+class _View:
+    """Scrapes the services' /metrics now and then; shows tables when live, a status line otherwise."""
+
+    def __init__(self, ports: dict[str, int], live, every: float):
+        self.ports, self.live, self.every = ports, live, every
+        self.last: tuple[float, object] | None = None
+        self.snap = None
+
+    def tick(self, headline: str, force: bool = False):
+        from services.stack import dashboard
+
+        now = time.monotonic()
+        if not force and self.last is not None and now - self.last[0] < self.every:
+            return self.snap
+        snap = dashboard.parse(dashboard.scrape(self.ports))
+        per_second = dashboard.rates(self.last[1] if self.last else None, snap, now - self.last[0] if self.last else 0)
+        self.last, self.snap = (now, snap), snap
+        if self.live is not None:
+            self.live.update(dashboard.render(snap, per_second, headline))
+        elif not force:
+            print(dashboard.status_line(snap, per_second, headline), flush=True)
+        return snap
+
+
+def _summary(sent: int, seconds: float, snap, ports: dict[str, int], stack: Stack) -> None:
+    from rich.console import Console
+
+    from services.stack import dashboard
+
+    console = Console()
+    console.print(
+        dashboard.render(snap, {}, f"replay done: {sent:,} events in {seconds:,.0f}s, every service caught up")
+    )
+    console.print(f"\nlogs: {stack.log_dir}/<service>.log")
+    if "notify" in ports:
+        mails = len(list((stack.var / "mail").glob("*.eml")))
+        sms_path = stack.var / "sms.jsonl"
+        sms = sum(1 for _ in sms_path.open()) if sms_path.exists() else 0
+        console.print(f"e-mail: {stack.var / 'mail'}/*.eml ({mails:,})   SMS: {sms_path} ({sms:,} lines)")
+    for name, port in ports.items():
+        console.print(f"{name}: http://127.0.0.1:{port}/metrics  (read API: see README, 'The crm command')")
+    console.print(
+        "customers: crm customer ID   segments: crm segments   ledger: crm loyalty audit   "
+        "dead letters: crm dlq list shop.purchases (and shop.interactions, crm.care, crm.retention)"
+    )
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -468,8 +525,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--exit-when-done",
         action="store_true",
-        help="stop after the replay has been published and every service has caught up",
+        help="stop after the replay has been published and every service has caught up; print a summary",
     )
+    p.add_argument(
+        "--customers", type=_positive_int, metavar="N", help="replay only the first N CDNOW customers (by id)"
+    )
+    p.add_argument("--plain", action="store_true", help="status lines instead of the live tables (default off a TTY)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("dlq", help="list or replay dead letters of a topic")

@@ -78,6 +78,14 @@ def read_master(path: Path = DEFAULT_PATH) -> list[CdnowPurchase]:
     return out
 
 
+def first_customers(purchases: list[CdnowPurchase], n: int | None) -> list[CdnowPurchase]:
+    """The purchases of the n lowest customer ids (all of them for None): a smaller, still complete history."""
+    if n is None:
+        return purchases
+    keep = set(sorted({int(p.customer) for p in purchases})[:n])
+    return [p for p in purchases if int(p.customer) in keep]
+
+
 def _rng(*parts: object) -> random.Random:
     return random.Random("/".join(map(str, parts)))
 
