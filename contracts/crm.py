@@ -131,6 +131,8 @@ class CareRequestedData(CrmPayload):
     # What the template needs (name, tier, points, categories...), JSON values only.
     template_data: dict[str, Any] = Field(default_factory=dict)
     not_before: Timestamp | None = None
+    # After this the message is pointless (a birthday greeting after the day): it is not sent.
+    not_after: Timestamp | None = None
 
 
 class CareRequested(CrmEvent):

@@ -505,6 +505,21 @@ def _churn_backtest(args: argparse.Namespace, purchases) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from services import bench
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    result = asyncio.run(bench.run(args.customers, args.naive_events, args.latency_seconds, args.quick, log=log))
+    text = json.dumps(result, indent=2) + "\n"
+    if args.json:
+        Path(args.json).write_text(text)
+        log(f"wrote {args.json}")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crm", description="CRM event backbone")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -532,6 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--plain", action="store_true", help="status lines instead of the live tables (default off a TTY)")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("bench", help="measure throughput, latency, store use and memory on the embedded stack")
+    p.add_argument("--json", metavar="PATH", help="also write the results to PATH")
+    p.add_argument("--customers", type=_positive_int, default=3000, help="CDNOW customers in the workload")
+    p.add_argument("--naive-events", type=_positive_int, default=3000, help="events through the naive baseline")
+    p.add_argument("--latency-seconds", type=float, default=30.0, help="how long load is offered for latency")
+    p.add_argument("--quick", action="store_true", help="skip the full CDNOW master replay (cdnow_replay_seconds)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("dlq", help="list or replay dead letters of a topic")
     p.add_argument("action", choices=["list", "replay"])

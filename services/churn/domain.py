@@ -84,6 +84,10 @@ def history(st: dict[str, Any]) -> History:
     )
 
 
+# Due points walked by one catch-up (band changes and ladder steps; about two a month at most).
+CATCH_UP_STEPS = 64
+
+
 def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
     """Keep `keep_days` of history, and the newest older purchase day (recency at an earlier split needs it)."""
     cutoff = (today - timedelta(days=keep_days)).isoformat()
@@ -94,6 +98,20 @@ def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
     issue_cutoff = (today - timedelta(days=ISSUE_DAYS)).isoformat()
     st["complaints"] = [d for d in st["complaints"] if d >= issue_cutoff]
     st["low_scores"] = [d for d in st["low_scores"] if d >= issue_cutoff]
+
+
+def _checked(st: dict[str, Any]) -> date:
+    """The last day on which the band is known not to move (the last assessment, or later)."""
+    risk = st["risk"]
+    on = date.fromisoformat(risk["on"])
+    return max(on, date.fromisoformat(risk["checked"])) if risk.get("checked") else on
+
+
+def _newest_day(st: dict[str, Any], day: date) -> date:
+    """Trim against the newest day the history holds, not the clock: the same events then keep
+    the same history in whatever order (and at whatever clock time) they were read."""
+    newest = max([*st["spend"], *st["touches"]], default=day.isoformat())
+    return max(day, date.fromisoformat(newest))
 
 
 def _day(t: datetime) -> date:
@@ -139,6 +157,7 @@ class ChurnDomain:
 
     def _purchase(self, state, event: PurchaseCompleted, now: datetime):
         st = _clone(state) if state else new_state()
+        before = self._catch_up(st, event.customer_id, event.occurred_at)
         day = _day(event.occurred_at)
         key = day.isoformat()
         if key not in st["spend"]:
@@ -163,40 +182,68 @@ class ChurnDomain:
                 )
             )
             ladder.update(step=0, at_risk_since=None, step_at=None)
-        _trim(st, max(day, _day(now)), self.ladder.history_days)
+        _trim(st, _newest_day(st, day), self.ladder.history_days)
         derived += self._reassess(st, event.customer_id, event.occurred_at, cause=event)
-        return st, derived
+        return st, before + derived
 
     def _interaction(self, state, event: InteractionRecorded, now: datetime):
         st = _clone(state) if state else new_state()
+        before = self._catch_up(st, event.customer_id, event.occurred_at)
         key = _day(event.occurred_at).isoformat()
         st["touches"][key] = st["touches"].get(key, 0) + 1
         if event.data.kind == "complaint" and event.data.ticket_status != "resolved":
             st["complaints"].append(key)
         if event.data.score is not None and event.data.score <= LOW_SCORE:
             st["low_scores"].append(key)
-        _trim(st, max(_day(event.occurred_at), _day(now)), self.ladder.history_days)
-        return st, self._reassess(st, event.customer_id, event.occurred_at, cause=event)
+        _trim(st, _newest_day(st, _day(event.occurred_at)), self.ladder.history_days)
+        return st, before + self._reassess(st, event.customer_id, event.occurred_at, cause=event)
 
     # --- time ---------------------------------------------------------------------------------
 
     def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
         if state.get("first") is None:
             return state, []
-        a = self._assessment(state, now)
-        if not self._changes(state, a, now):
-            return state, []
         st = _clone(state)
-        return st, self._reassess(st, customer_id, now, cause=None, assessment=a)
+        derived = self._catch_up(st, customer_id, now)
+        return (st, derived) if derived or st != state else (state, [])
+
+    def _catch_up(self, st: dict[str, Any], cid: str, until: datetime) -> list[Event]:
+        """Band changes and ladder steps that fell due up to `until`, each as of its own due time.
+
+        A sweep that runs late (a restart, a clock that jumped with a big batch) or an event that
+        arrives before the sweep got there must not skip a band or a step: the bands' hysteresis
+        makes the outcome depend on the path, so the path is walked at the due times, which
+        depend on the events only.
+        """
+        derived: list[Event] = []
+        if st.get("first") is None or st["risk"] is None:
+            return derived
+        for _ in range(CATCH_UP_STEPS):
+            at = self.due(st)
+            if at is None or at > until:
+                # Nothing moves up to `until`: remember how far the way is known to be clear.
+                if _day(until) > _checked(st):
+                    st["risk"]["checked"] = _day(until).isoformat()
+                break
+            a = self._assessment(st, at)
+            if self._changes(st, a, at):
+                derived += self._reassess(st, cid, at, cause=None, assessment=a)
+            else:
+                st["risk"]["checked"] = max(_day(at), _checked(st)).isoformat()
+        return derived
 
     def due(self, state: dict[str, Any], now: datetime | None = None) -> datetime | None:
+        """The next moment the band or the ladder would move, after the last day already checked.
+
+        From the state alone, not from `now`: a due time in the past (events read late, a sweep
+        that did not run) makes the sweep walk there at once instead of skipping the way.
+        """
         if state.get("first") is None or state["risk"] is None:
             return None
-        start = max(date.fromisoformat(state["risk"]["on"]), _day(now) if now else date.min)
-        times = [self._next_band_change(state, start)]
+        times = [self._next_band_change(state, _checked(state))]
         step_due = self._next_step_due(state)
         if step_due is not None:
-            times.append(max(step_due, now) if now else step_due)
+            times.append(step_due)
         return min(t for t in times if t is not None)
 
     # --- the assessment and the ladder ---------------------------------------------------------

@@ -132,16 +132,26 @@ class LoyaltyDomain:
     def apply(self, state, event: Event, now: datetime):
         st = _copy(state)
         out: list[Event] = []
+        # Joined: the earlier of registration and first purchase, whichever topic was read first.
+        if isinstance(event, CustomerRegistered | PurchaseCompleted) and (
+            st.get("joined") is None or event.occurred_at < datetime.fromisoformat(st["joined"])
+        ):
+            st["joined"] = event.occurred_at.isoformat()
         if isinstance(event, CustomerRegistered | CustomerUpdated):
+            known = st["profile"]["birthday"] is not None
             self._profile(st, event)
+            if not known and st["profile"]["birthday"] is not None:
+                self._late_birthday(st, event, out)
             if st["tier"] is None:
                 self._join(st, event, out)
             if st.get("first_purchase") and not st["referral_rewarded"]:
                 self._referee_reward(st, event, out)  # the registration came after the first purchase
         elif isinstance(event, PurchaseCompleted | PurchaseRefunded | PointsRedemptionRequested):
-            # Lots past their date are gone before anything is spent or reversed at this event's
-            # time, whether or not the time-driven sweep got there first.
-            self._expire(st, event.customer_id, _day(event.occurred_at), out)
+            # Whatever fell due before this event (expiring-points notices, expiry, tier reviews,
+            # birthdays) happens first, as of this event's time, whether or not the time-driven
+            # sweep got there: the ledger is a function of the events, not of when sweeps ran.
+            if st["tier"] is not None:
+                self._catch_up(st, event.customer_id, event.occurred_at, out)
             if isinstance(event, PurchaseCompleted):
                 self._purchase(st, event, out)
             elif isinstance(event, PurchaseRefunded):
@@ -192,11 +202,15 @@ class LoyaltyDomain:
             return  # earned already (a redelivery beyond the event-id window, or a resent order)
         if st["tier"] is None:
             self._join(st, ev, out)
-        points, why = self.points_for(st, ev)
+        exact, why, plain = self._rate(st, ev)
+        points = int(exact.to_integral_value(rounding=ROUND_FLOOR))
         day = _day(ev.occurred_at)
         st["orders"][d.order_id] = {
             "total": str(d.total), "currency": d.currency, "points": points, "reversed": 0, "expired": 0,
-            "refunded": "0", "lot": None,
+            "refunded": "0", "lot": None, "at": ev.occurred_at.isoformat(),
+            # Rated before the birthday was known (the registration may come later, on another topic):
+            # the exact points without it, to add the birthday month's share exactly if it applies.
+            "unrated_birthday": str(plain) if st["profile"]["birthday"] is None else None,
         }  # fmt: skip
         st["purchases"] += 1
         self._add_spend(st, day, d.total, d.currency, points)
@@ -214,6 +228,35 @@ class LoyaltyDomain:
             self._reverse(st, ev.customer_id, d.order_id, pending, out)
         self._upgrade(st, ev, out)
 
+    def _late_birthday(self, st, ev: Event, out) -> None:
+        """Orders rated before the registration was read get the birthday-month bonus they would
+        have had if it had come first (registrations and purchases travel on different topics)."""
+        mult = self.rules.birthday_month_multiplier
+        for order_id, order in st["orders"].items():
+            plain = order.get("unrated_birthday")
+            if plain is None:
+                continue
+            order["unrated_birthday"] = None
+            if mult == 1 or order["points"] <= 0 or not self._birthday_month(st, datetime.fromisoformat(order["at"])):
+                continue
+            extra = int((Decimal(plain) * mult).to_integral_value(rounding=ROUND_FLOOR)) - order["points"]
+            if extra <= 0:
+                continue
+            order["points"] += extra
+            reason = f"birthday month x {mult} (registration read after the purchase)"
+            lot = next((x for x in st["lots"] if x["id"] == order["lot"]), None)
+            if lot is None or st["debt"]:
+                self._earn(st, ev, extra, reason, order_id, out, f"birthday/{order_id}")
+                continue
+            # Into the order's own lot: the same lots (and so the same expiry and notices) as if
+            # the registration had been read first.
+            lot["points"] += extra
+            lot["remaining"] += extra
+            entry = self._entry(st, ev, extra, "earn", reason, order_id)
+            data = PointsEarnedData(order_id=order_id, reason=reason, points=extra, balance=entry["balance"],
+                                    expires_on=date.fromisoformat(lot["expires_on"]))  # fmt: skip
+            out.append(derive(PointsEarned, ev, data, producer=PRODUCER, discriminator=f"birthday/{order_id}"))
+
     def _add_spend(self, st, day: date, amount: Decimal, currency: str, points: int) -> None:
         # Spend counts in the tier currency; others are converted at the ratio of their earning rates.
         amount = self.rules.in_tier_currency(amount, currency)
@@ -223,6 +266,11 @@ class LoyaltyDomain:
 
     def points_for(self, st, ev: PurchaseCompleted) -> tuple[int, str]:
         """Points an order earns, and how they were computed (the entry's reason)."""
+        total, why, _ = self._rate(st, ev)
+        return int(total.to_integral_value(rounding=ROUND_FLOOR)), why
+
+    def _rate(self, st, ev: PurchaseCompleted) -> tuple[Decimal, str, Decimal]:
+        """Exact points (before rounding down), the reason, and the exact points without the birthday month."""
         r, d = self.rules, ev.data
         rate = r.points_per_unit.get(d.currency)
         if rate is None:
@@ -244,14 +292,14 @@ class LoyaltyDomain:
             base += amount * scale * rate * mult * (best.multiplier if best else Decimal(1))
         tier = r.tier(st["tier"])
         why = [f"{d.total} {d.currency} x {rate}"]
-        total = base * tier.multiplier
+        total = plain = base * tier.multiplier
         if tier.multiplier != 1:
             why.append(f"{tier.name} x {tier.multiplier}")
         if self._birthday_month(st, ev.occurred_at):
             total *= r.birthday_month_multiplier
             why.append(f"birthday month x {r.birthday_month_multiplier}")
         why.extend(f"campaign {name}" for name in sorted(campaigns))
-        return int(total.to_integral_value(rounding=ROUND_FLOOR)), "purchase: " + ", ".join(why)
+        return total, "purchase: " + ", ".join(why), plain
 
     def _birthday_month(self, st, at: datetime) -> bool:
         bday = st["profile"]["birthday"]
@@ -394,18 +442,23 @@ class LoyaltyDomain:
             return state, []
         st = _copy(state)
         out: list[Event] = []
+        self._catch_up(st, customer_id, now, out)
+        if not out and st == state:
+            return state, []
+        return st, out
+
+    def _catch_up(self, st, customer_id: str, now: datetime, out) -> None:
+        """Everything due up to `now`, each judged as of its own due time, however late we get to it."""
         today = _day(now)
-        for _ in range(48):  # catch up on what fell due meanwhile (reviews, a downgrade after them)
+        for _ in range(48):  # reviews, a downgrade after them, yearly birthdays
             before = len(out), st["next_review"], st["downgrade"], st["birthday_year"]
-            self._expire(st, customer_id, today, out)
+            # The notice (days before expiry) first: a clock that jumped past both still sends it.
             self._expiring_notice(st, customer_id, today, out)
+            self._expire(st, customer_id, today, out)
             self._review(st, customer_id, now, out)
             self._birthday(st, customer_id, now, out)
             if (len(out), st["next_review"], st["downgrade"], st["birthday_year"]) == before:
                 break
-        if not out and st == state:
-            return state, []
-        return st, out
 
     def due(self, state, now: datetime | None = None) -> datetime | None:
         if not state or state["tier"] is None:
@@ -498,28 +551,34 @@ class LoyaltyDomain:
         if not bday or now is None:
             return None
         zone = _zone(st["profile"]["timezone"])
-        local = now.astimezone(zone)
         month = date.fromisoformat(bday).month
-        year = local.year if (st["birthday_year"] or 0) < local.year else local.year + 1
-        if month < local.month and year == local.year:
-            year += 1  # this year's birthday month is over: the next one
+        if st["birthday_year"] is not None:
+            year = st["birthday_year"] + 1
+        else:
+            # The first birthday month counted is the one the customer joined in, or the next one:
+            # from the join time (an event's), not from when the service got to it.
+            since = datetime.fromisoformat(st["joined"]) if st.get("joined") else now
+            local = since.astimezone(zone)
+            year = local.year + (1 if month < local.month else 0)
         return datetime.combine(date(year, month, 1), time(9), tzinfo=zone).astimezone(UTC)
 
     def _birthday(self, st, cid: str, now: datetime, out) -> None:
         at = self._next_birthday_month(st, now)
         if at is None or at > now:
             return
-        local = now.astimezone(_zone(st["profile"]["timezone"]))
-        st["birthday_year"] = at.astimezone(_zone(st["profile"]["timezone"])).year
-        if local.month != date.fromisoformat(st["profile"]["birthday"]).month:
-            return  # the month went by (a service down for weeks): no late bonus message
+        year = at.astimezone(_zone(st["profile"]["timezone"])).year
+        st["birthday_year"] = year
+        # Sent however late we get here, dated when it was due: notify judges whether it is too old
+        # to go out (marketing max age), so the decision does not depend on this service's pace.
+        if st.get("joined") and datetime.fromisoformat(st["joined"]) > at:
+            at = datetime.fromisoformat(st["joined"])  # joined during the birthday month
         mult = self.rules.birthday_month_multiplier
         data = CareRequestedData(
             kind="birthday_bonus",
             purpose="marketing",
             template_data={"multiplier": f"{mult.normalize():f}", "tier": st["tier"], "balance": st["balance"]},
         )
-        out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=f"birthday-bonus/{local.year}",
+        out.append(scheduled(CareRequested, cid, data, producer=PRODUCER, occasion=f"birthday-bonus/{year}",
                              occurred_at=at))  # fmt: skip
 
     # -- the ledger --------------------------------------------------------------

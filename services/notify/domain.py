@@ -175,6 +175,7 @@ class NotifyDomain:
             "template_data": dict(d.template_data),
             "created": ev.occurred_at.isoformat(),
             "not_before": d.not_before.isoformat() if getattr(d, "not_before", None) else None,
+            "not_after": d.not_after.isoformat() if getattr(d, "not_after", None) else None,
             "correlation_id": str(ev.root_id),
             "raw": ev.to_bytes().decode(),
             "status": "new",
@@ -247,6 +248,9 @@ class NotifyDomain:
         if not_before is not None and now < not_before:
             job.update(status="deferred", wake=not_before.isoformat(), reason="scheduled by the requester")
             return None
+        not_after = _ts(job.get("not_after"))
+        if not_after is not None and now > not_after:
+            return self._suppress(st, cid, job, "expired: past the requester's deadline", now, out)
         if job["purpose"] == "marketing" and now - max(created, not_before or created) > rules.marketing_max_age:
             return self._suppress(st, cid, job, "expired: the moment for this message has passed", now, out)
         contact = contact_of(st)

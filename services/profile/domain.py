@@ -208,6 +208,10 @@ class ProfileDomain:
             )
         return st, out
 
+    # The runtime runs `tick` as of an event's time before applying it: a follow-up or greeting
+    # that fell due comes before the purchase that follows it, however late the sweep.
+    CATCH_UP_BEFORE_EVENTS = True
+
     def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
         st = _clone(state)
         out: list[Event] = []
@@ -253,7 +257,7 @@ class ProfileDomain:
         for channel in ("email", "sms"):
             self._set_consent(st, channel, getattr(d.consents, channel), ev.occurred_at, "registration")
         self._remember(st, ev, f"registered ({d.locale}, {d.timezone})")
-        self._plan_birthday(st, now)
+        self._plan_birthday(st, ev.occurred_at)  # from the event's time: the same plan whenever it is read
         if first_time and not st["care"]["welcomed"]:
             st["care"]["welcomed"] = True
             out.append(self._care(ev, "welcome", "transactional", st))
@@ -271,7 +275,7 @@ class ProfileDomain:
             else:
                 st["profile"][name] = value
         self._remember(st, ev, "details updated: " + ", ".join(sorted(d.model_fields_set)))
-        self._plan_birthday(st, now)
+        self._plan_birthday(st, ev.occurred_at)
 
     def _consent(self, st, ev: ConsentChanged, now, out) -> None:
         if st.get("erased_at"):
@@ -488,22 +492,22 @@ class ProfileDomain:
             return
         year = at.year
         st["care"]["greeted_year"] = year
-        if now < end_of_local_day(at):
-            data = CareRequestedData(
-                kind="birthday_greeting",
-                purpose="marketing",
-                template_data={
-                    "locale": st["profile"]["locale"],
-                    "top_categories": top_categories(st, self.rules.top_categories),
-                },
-                not_before=at,
-            )
-            out.append(
-                scheduled(
-                    CareRequested, customer_id, data, producer=PRODUCER, occasion=f"birthday/{year}", occurred_at=at
-                )
-            )
-        self._plan_birthday(st, now)
+        # Requested however late this runs (a restart, a sweep that came after the next event):
+        # the request says until when a greeting makes sense, and notify does not send it after.
+        data = CareRequestedData(
+            kind="birthday_greeting",
+            purpose="marketing",
+            template_data={
+                "locale": st["profile"]["locale"],
+                "top_categories": top_categories(st, self.rules.top_categories),
+            },
+            not_before=at,
+            not_after=end_of_local_day(at),
+        )
+        out.append(
+            scheduled(CareRequested, customer_id, data, producer=PRODUCER, occasion=f"birthday/{year}", occurred_at=at)
+        )
+        self._plan_birthday(st, at)
 
     def _evaluate(self, st, before, now: datetime, out, make) -> None:
         """Recompute scores, tier and stage; emit only what changed."""

@@ -69,6 +69,12 @@ class PipelineMetrics:
             ["service"],
             registry=registry,
         )
+        self.clock_time = Gauge(
+            "crm_clock_timestamp_seconds",
+            "The service's clock: wall time, or under event time (replays) how far time has advanced",
+            ["service"],
+            registry=registry,
+        )
         self.swept = Counter(
             "crm_sweep_customers", "Customers visited by time-driven sweeps", ["service"], registry=registry
         )

@@ -28,7 +28,7 @@ from contracts.topics import dlq
 from services.runtime.clock import Clock
 from services.runtime.logs import customer_id_var, event_id_var
 from services.runtime.records import DLQ_SHA256, DLQ_TRUNCATED, DeadLetter, Record
-from services.runtime.statestore import CustomerDoc, OutboxEntry, StateStore, with_backoff
+from services.runtime.statestore import ClockMarks, CustomerDoc, OutboxEntry, StateStore, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,12 @@ class Pipeline:
         retry_base_delay_s: float = 0.2,
         failpoint: str | None = None,
         metrics: Any = None,
+        clock_marks: ClockMarks | None = None,
     ):
         self.service = service
+        # Event time only: partitions' newest event times, kept in the store across owners.
+        self.clock_marks = clock_marks
+        self.clock_to_seed: set[tuple[str, int]] = set()
         self.domain = domain
         self.registry = registry
         # Per physical topic: an event type is accepted only on its own topic.
@@ -112,12 +116,17 @@ class Pipeline:
         self._due = getattr(domain, "due", None)
         self._erasing = tuple(getattr(domain, "ERASING", ()))
         self._wants = getattr(domain, "wants", None)
+        # A domain whose `tick` judges everything as of its due time can have it run before each
+        # event (as of the event's time), which makes its outputs independent of sweep timing.
+        self._catch_up = bool(getattr(domain, "CATCH_UP_BEFORE_EVENTS", False))
 
     async def handle(self, records: Sequence[Record]) -> BatchResult:
         """Process one batch. The caller holds `self.lock`."""
         started = time.perf_counter()
+        await self.seed_clock()
         result = BatchResult(consumed=len(records))
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
+        newest: dict[tuple[str, int], datetime] = {}
         for rec in records:
             src = (rec.topic, rec.partition)
             if rec.offset > self.last_offsets.get(src, -1):
@@ -127,6 +136,8 @@ class Pipeline:
             except InvalidMessage as exc:
                 result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
                 continue
+            if src not in newest or event.occurred_at > newest[src]:
+                newest[src] = event.occurred_at
             result.consumed_types[(rec.topic, event.type)] += 1
             if self._wants is not None and not self._wants(event):
                 continue
@@ -140,17 +151,36 @@ class Pipeline:
             base_delay=self.retry_base_delay_s,
             what="store read",
         )
-        for cid, items in by_customer.items():
-            # Across topics Kafka gives no order for one customer; event time is the best we have.
-            items.sort(key=lambda it: it[0].occurred_at)
-            self._apply_customer(docs[cid], items, result)
+        # In event-time order across the whole batch (Kafka gives no order across topics, and a batch
+        # after a restart may span months): the clock then advances with the events, and every
+        # decision sees the time it would have seen had the events come one by one.
+        ordered = sorted((it for items in by_customer.values() for it in items), key=lambda it: it[0].occurred_at)
+        changed: dict[str, datetime] = {}
+        for event, rec in ordered:
+            doc = docs[event.customer_id]
+            at = self._apply_event(doc, event, rec, result)
+            if at is not None:
+                changed[doc.customer_id] = at
+        if self._due is not None:
+            for cid, at in changed.items():
+                # Once per customer and batch: only the final state's next due time matters.
+                doc = docs[cid]
+                doc.due = self._due(doc.state, at) if doc.state is not None else None
 
+        # Every valid event tells the time of its partition, also one applied before a crash
+        # (a duplicate now) or one this service does not want.
+        for src, when in newest.items():
+            self.clock.observe(when, src)
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),
             attempts=self.retry_attempts,
             base_delay=self.retry_base_delay_s,
             what="store write",
         )
+        if self.clock_marks is not None and newest:
+            marks = self.clock_marks
+            await with_backoff(lambda: marks.save(newest), attempts=self.retry_attempts,
+                               base_delay=self.retry_base_delay_s, what="clock marks write")  # fmt: skip
         if self.failpoint == "after_store_write" and result.docs_written:
             # Fault injection for the crash tests: die exactly between write and publish.
             log.error("failpoint after_store_write: exiting")
@@ -168,6 +198,19 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.observe_batch(self.service, result, records, time.perf_counter() - started)
         return result
+
+    async def seed_clock(self) -> None:
+        """After an assignment: start the newly owned partitions' time where their last owner left it.
+        The caller holds `self.lock`."""
+        if self.clock_marks is None or not self.clock_to_seed:
+            return
+        marks = self.clock_marks
+        sources = sorted(self.clock_to_seed)
+        found = await with_backoff(lambda: marks.load(sources), attempts=self.retry_attempts,
+                                   base_delay=self.retry_base_delay_s, what="clock marks read")  # fmt: skip
+        for src, when in found.items():
+            self.clock.observe(when, src)
+        self.clock_to_seed = set()
 
     async def sweep(self, customer_ids: Sequence[str], now: datetime) -> BatchResult:
         """Run the domain's time-driven `tick` for these customers. The caller holds `self.lock`."""
@@ -213,41 +256,60 @@ class Pipeline:
             self.metrics.observe_sweep(self.service, result, len(customer_ids))
         return result
 
-    def _apply_customer(self, doc: CustomerDoc, items: list[tuple[Event, Record]], result: BatchResult) -> None:
-        changed_at = None  # the clock when the state last changed in this batch
-        for event, rec in items:
-            eid = str(event.event_id)
-            if doc.has_seen(eid):
-                result.duplicates += 1
-                continue
-            self.clock.observe(event.occurred_at, (rec.topic, rec.partition))
-            token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
-            now = self.clock.now()
-            try:
-                state, derived = self.domain.apply(doc.state, event, now)
-            except Exception as exc:
-                log.exception("processing %s failed", event.type)
-                result.dead_letters.append(
-                    DeadLetter(rec, f"processing failed: {type(exc).__name__}: {exc}", self.service)
-                )
-                continue
-            finally:
-                event_id_var.reset(token_e)
-                customer_id_var.reset(token_c)
-            if state is not doc.state:
-                changed_at = now
-            doc.state = state
-            if self._erasing and isinstance(event, self._erasing):
-                result.erased.add(doc.customer_id)
-            doc.remember(eid, self.dedup_window)
-            for d in derived:
-                doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
-            result.derived.extend(derived)
-            doc.dirty = True
-            result.applied += 1
-        if self._due is not None and changed_at is not None:
-            # Once per customer and batch: only the final state's next due time matters.
-            doc.due = self._due(doc.state, changed_at) if doc.state is not None else None
+    def _apply_event(self, doc: CustomerDoc, event: Event, rec: Record, result: BatchResult) -> datetime | None:
+        """Apply one event to its customer's document; the clock time if the state changed."""
+        eid = str(event.event_id)
+        if doc.has_seen(eid):
+            result.duplicates += 1
+            return None
+        self.clock.observe(event.occurred_at, (rec.topic, rec.partition))
+        token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
+        now = self.clock.now()
+        changed_at = now if self._catch_up and self._catch_up_until(doc, event.occurred_at, now) else None
+        try:
+            state, derived = self.domain.apply(doc.state, event, now)
+        except Exception as exc:
+            log.exception("processing %s failed", event.type)
+            result.dead_letters.append(DeadLetter(rec, f"processing failed: {type(exc).__name__}: {exc}", self.service))
+            return changed_at
+        finally:
+            event_id_var.reset(token_e)
+            customer_id_var.reset(token_c)
+        if state is not doc.state:
+            changed_at = now
+        doc.state = state
+        if self._erasing and isinstance(event, self._erasing):
+            result.erased.add(doc.customer_id)
+        doc.remember(eid, self.dedup_window)
+        for d in derived:
+            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+        result.derived.extend(derived)
+        doc.dirty = True
+        result.applied += 1
+        return changed_at
+
+    def _catch_up_until(self, doc: CustomerDoc, when: datetime, now: datetime) -> bool:
+        """Run the time-driven work that fell due before this event, as of the event's time.
+
+        Otherwise its outcome would depend on whether a sweep got there before the event was read
+        (a restart, a fast replay, a partition read ahead of another), not on the events.
+        """
+        if doc.state is None or self._due is None:
+            return False
+        due = self._due(doc.state, now)
+        if due is None or due > when:
+            return False
+        try:
+            state, derived = self.domain.tick(doc.state, doc.customer_id, when)  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("tick before an event failed; the sweep retries it")
+            return False
+        if state is doc.state and not derived:
+            return False
+        doc.state, doc.dirty = state, True
+        for d in derived:
+            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+        return True
 
     async def publish(self, docs, dead_letters: list[DeadLetter]) -> int:
         """Send the docs' pending outbox entries and these dead letters; mark the entries published."""

@@ -26,7 +26,7 @@ from services.runtime.kafka import ensure_topics
 from services.runtime.metrics import LagCollector, PipelineMetrics
 from services.runtime.pipeline import Domain, Pipeline
 from services.runtime.settings import CommonSettings, ServiceSettings
-from services.runtime.statestore import Codec, StateStore
+from services.runtime.statestore import ClockMarks, Codec, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class ServiceHost:
             retry_base_delay_s=common.retry_base_delay_s,
             failpoint=common.failpoint,
             metrics=self.metrics,
+            # Wall time needs no marks: it does not come from the events.
+            clock_marks=ClockMarks(self.db["clock_marks"]) if hasattr(self.clock, "expect_sources") else None,
         )
         self.group_id = common.group(settings.group_id or f"crm-{spec.name}")
         self.subscriber = subscribe_batches(
@@ -130,6 +132,7 @@ class ServiceHost:
 
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
+        self.metrics.clock_time.labels(self.spec.name).set(self.clock.now().timestamp())
 
     def _caught_up(self, source: tuple[str, int]) -> bool:
         """Whether this partition has nothing left to read (as of the last fetch's high watermark)."""
@@ -162,7 +165,9 @@ class ServiceHost:
         expect = getattr(self.clock, "expect_sources", None)
         consumer = getattr(self.subscriber, "consumer", None)
         if expect is not None and consumer is not None:
-            expect({(tp.topic, tp.partition) for tp in consumer.assignment()})
+            assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+            expect(assigned)
+            self.pipeline.clock_to_seed = assigned
 
     def partition_of(self, customer_id: str) -> int | None:
         """The partition the producer's partitioner puts this customer in (None before metadata).
@@ -197,6 +202,7 @@ class ServiceHost:
         try:
             while True:
                 async with self.pipeline.lock:
+                    await self.pipeline.seed_clock()
                     if store.schedule.stale:
                         n = await store.rebuild_schedule(self.owns)
                         log.info("schedule rebuilt: %d customers owned", n)

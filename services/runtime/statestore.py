@@ -277,3 +277,28 @@ async def with_backoff(op, *, attempts: int, base_delay: float, what: str, trans
             delay = base_delay * 2 ** (attempt - 1)
             log.warning("%s failed (%s), retry %d/%d in %.1fs", what, exc, attempt, attempts - 1, delay)
             await asyncio.sleep(delay)
+
+
+class ClockMarks:
+    """The newest event time read per partition, saved with every batch under event time.
+
+    An event clock lives in one process; without these marks, a restarted or new owner of a
+    partition would start its clock at zero and learn time again only from events it reads
+    afterwards: after a crash at the end of a replay it would never reach the last day, and
+    birthdays, expiry and inactivity would fire differently than in an uninterrupted run.
+    One small document per partition, written by its single owner.
+    """
+
+    def __init__(self, collection: AsyncCollection):
+        self.collection = collection
+
+    async def save(self, newest: dict[tuple[str, int], datetime]) -> None:
+        if newest:
+            ops = [ReplaceOne({"_id": f"{t}/{p}"}, {"t": when}, upsert=True) for (t, p), when in newest.items()]
+            await self.collection.bulk_write(ops, ordered=False)
+
+    async def load(self, sources: Iterable[tuple[str, int]]) -> dict[tuple[str, int], datetime]:
+        by_id = {f"{t}/{p}": (t, p) for t, p in sources}
+        if not by_id:
+            return {}
+        return {by_id[d["_id"]]: d["t"] async for d in self.collection.find({"_id": {"$in": list(by_id)}})}

@@ -29,6 +29,7 @@ class Snapshot:
     points: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     risk_bands: dict[str, float] = field(default_factory=dict)
     notifications: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
+    clock: dict[str, float] = field(default_factory=dict)
     down: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
     partitions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -81,6 +82,8 @@ def _fold(snap: Snapshot, service: str, name: str, labels: dict[str, str], value
         snap.partitions[service] += 1
     elif name == "crm_dead_letters_total":
         snap.dead_letters[(service, labels.get("topic", "?"))] += value
+    elif name == "crm_clock_timestamp_seconds":
+        snap.clock[service] = value
     elif name == "crm_service_ready":
         snap.ready[service] = value == 1
     elif name == "crm_profile_customers":

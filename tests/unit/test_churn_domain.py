@@ -153,10 +153,32 @@ def test_band_rules_are_validated():
 # -- the domain --------------------------------------------------------------------------------
 
 
-def test_purchases_keep_a_low_band_and_publish_nothing():
+def test_regular_purchases_never_put_a_customer_at_risk():
     state, out = run(ChurnDomain(MODEL), monthly())
-    assert out == []
+    # Time passes between purchases: the day a purchase is due may read "medium" until it comes.
+    assert {e.data.to_band for e in out if e.type == "ChurnRiskChanged"} <= {"low", "medium"}
+    assert not [e for e in out if e.type != "ChurnRiskChanged"]
     assert state["risk"]["band"] == "low" and state["purchase_days"] == 8
+
+
+def test_a_late_sweep_or_a_purchase_before_the_sweep_derives_what_a_punctual_sweep_does():
+    """The ladder and bands walk the same path whenever the service gets to a customer."""
+    d = ChurnDomain(MODEL)
+    profile = ev(ProfileUpdated, ProfileUpdatedData(value_tier="vip", top_categories=["jazz"]), T0)
+    state, _ = run(d, [profile, *monthly()])
+    last = T0 + timedelta(days=210)
+    punctual, steady = follow_the_clock(d, state, last, 300)
+    late_state, late = d.tick(state, "c1", last + timedelta(days=300))
+    assert [str(e.event_id) for e in late] == [str(e.event_id) for _, e in steady]
+    assert late_state["risk"]["band"] == punctual["risk"]["band"]
+    assert late_state["ladder"] == punctual["ladder"]
+    # A purchase read before any sweep ran: the at-risk episode it ends is still recorded first.
+    comeback = buy(order="back", total="25.00", at=last + timedelta(days=300))
+    _, direct = d.apply(state, comeback, comeback.occurred_at)
+    swept, before = d.tick(state, "c1", comeback.occurred_at - timedelta(hours=1))
+    _, after = d.apply(swept, comeback, comeback.occurred_at)
+    assert [str(e.event_id) for e in direct] == [str(e.event_id) for e in before + after]
+    assert "CustomerWonBack" in [e.type for e in after]
 
 
 def test_a_monthly_customer_who_stops_climbs_by_time_alone_one_step_each():
@@ -247,11 +269,16 @@ def test_the_domain_never_changes_its_input():
     assert state == frozen
 
 
-def test_due_never_points_before_now_and_nothing_is_due_before_a_purchase():
+def test_a_due_time_in_the_past_is_walked_at_once_then_lies_ahead_and_nothing_is_due_before_a_purchase():
     d = ChurnDomain(MODEL)
     state, _ = run(d, monthly())
     now = T0 + timedelta(days=1000)
-    assert d.due(state, now) >= now
+    assert d.due(state, now) < now  # nobody swept this customer for years: due at once
+    state, out = d.tick(state, "c1", now)
+    assert [e.data.to_band for e in out if e.type == "ChurnRiskChanged"][-1] == "lost"
+    assert d.due(state, now) > now
+    again, out = d.tick(state, "c1", now)
+    assert out == [] and again is state
     fresh, _ = d.apply(None, ev(ProfileUpdated, ProfileUpdatedData(value_tier="low"), T0), T0)
     assert d.due(fresh, T0) is None
 

@@ -367,7 +367,25 @@ def test_expired_points_are_neither_spent_nor_reversed_twice_whatever_the_sweep_
     # A redemption against points that expired yesterday is refused even if no sweep ran.
     lone, _ = run(d, [buy("o1", "60.00")])
     _, out = run(d, [redeem(50, "x1", at=datetime(1998, 1, 11, tzinfo=UTC))], lone)
-    assert [e.type for e in out] == ["PointsExpired", "RedemptionRejected"]
+    # The expiring-points notice was due on 1998-01-03: it comes first, dated then.
+    assert [e.type for e in out] == ["CareRequested", "PointsExpired", "RedemptionRejected"]
+    assert out[0].data.kind == "points_expiring" and out[0].occurred_at == datetime(1998, 1, 3, tzinfo=UTC)
+
+
+def test_time_driven_events_do_not_depend_on_when_the_sweeps_ran():
+    """A service that got to a customer late (a restart, a clock jump) derives the same events."""
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    start, _ = run(d, [register(birthday=date(1980, 3, 15), timezone="Asia/Shanghai"), buy("o1", "60.00")])
+    days = [datetime(1997, 3, 1, tzinfo=UTC) + timedelta(days=n) for n in range(0, 420, 1)]
+    smooth, steady = start, []
+    for day in days:
+        smooth, out = d.tick(smooth, "c1", day)
+        steady.extend(out)
+    jumped, late = d.tick(start, "c1", days[-1])
+    assert sorted(str(e.event_id) for e in late) == sorted(str(e.event_id) for e in steady)
+    assert jumped == smooth
+    kinds = [e.data.kind for e in late if e.type == "CareRequested"]
+    assert kinds.count("birthday_bonus") == 2 and "points_expiring" in kinds  # March 1997 and March 1998
 
 
 def test_refunds_add_up_without_drift_and_never_exceed_the_order():
@@ -440,3 +458,22 @@ def test_points_that_only_pay_off_a_debt_leave_no_empty_lot_behind():
     once, _ = run(d, events)
     twice, _ = run(d, [e for e in events for _ in range(2)])
     assert once["debt"] == 19 and once["lots"] == [] and once == twice and audit(once) == []
+
+
+def test_a_registration_read_after_the_purchase_still_gives_the_birthday_month_points():
+    """Registrations and purchases come on different topics, in either order."""
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    reg = register(birthday=date(1970, 1, 20), at=T0)
+    order = buy("o1", "17.99", at=T0 + timedelta(hours=4))
+    in_order, _ = run(d, [reg, order])
+    late, out = run(d, [order, reg])
+    assert late["balance"] == in_order["balance"] == 35  # floor(17.99 x 2), not 2 x floor(17.99)
+    assert late["orders"]["o1"]["points"] == in_order["orders"]["o1"]["points"] == 35
+    assert audit(late) == [] and audit(in_order) == []
+    # The same lot (so the same expiry and expiring-points notices), not a second one.
+    assert [(x["id"], x["points"], x["remaining"]) for x in late["lots"]] == [
+        (x["id"], x["points"], x["remaining"]) for x in in_order["lots"]
+    ]
+    assert "registration read after the purchase" in [e for e in out if e.type == "PointsEarned"][-1].data.reason
+    again, out = run(d, [reg], late)  # the same registration again: nothing more
+    assert again["balance"] == late["balance"] and not [e for e in out if e.type == "PointsEarned"]

@@ -239,3 +239,16 @@ def test_a_send_that_raced_a_new_decision_is_still_recorded_once():
     # A failure of that old send does not undo the new decision.
     kept, out = d.record(moved, job, Failed("sms", "timeout", False), NOON)
     assert [e.type for e in out] == ["NotificationFailed"] and only_job(d, kept).channel == "email"
+
+
+def test_a_request_past_its_deadline_is_not_sent_whatever_the_marketing_max_age():
+    d = NotifyDomain(NotifyRules(marketing_max_age=timedelta(days=365)))
+    late = care(kind="birthday_greeting", purpose="marketing", not_after=NOON + timedelta(hours=6))
+    state, out = run(d, [profile(), late], now=NOON + timedelta(days=1))
+    assert state["jobs"] == {}
+    assert [e.data.reason for e in out if e.type == "NotificationSuppressed"] == [
+        "expired: past the requester's deadline"
+    ]
+    on_time, out = run(d, [profile(), care(kind="birthday_greeting", purpose="marketing",
+                                           not_after=NOON + timedelta(hours=6))], now=NOON)  # fmt: skip
+    assert [j["status"] for j in on_time["jobs"].values()] == ["queued"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import given
@@ -323,3 +324,15 @@ def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle
     assert state == frozen
     same, out = d.tick(state, "c1", T0 + timedelta(hours=1))
     assert same is state and out == []
+
+
+def test_a_greeting_reached_late_is_still_requested_with_its_deadline():
+    """Whether a sweep ran on the day or days later, the same request (id, time, deadline) is made."""
+    d = ProfileDomain()
+    state, _ = run(d, [reg(birthday=date(1972, 3, 10), timezone="Asia/Shanghai")])
+    on_day, punctual = d.tick(state, "c1", datetime(1997, 3, 10, 2, tzinfo=UTC))
+    days_later, late = d.tick(state, "c1", datetime(1997, 3, 20, tzinfo=UTC))
+    greet = [e for e in punctual if e.type == "CareRequested"]
+    assert [e.event_id for e in greet] == [e.event_id for e in late if e.type == "CareRequested"]
+    assert greet[0].data.not_after == datetime(1997, 3, 11, tzinfo=ZoneInfo("Asia/Shanghai"))
+    assert d.due(on_day) == d.due(days_later)

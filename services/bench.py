@@ -1,0 +1,508 @@
+"""`crm bench`: throughput, latency, store and memory figures on the embedded stack, in one run.
+
+Every figure comes from this run on this machine, so the ratios between them hold even on a
+shared, noisy machine. Phases (each on its own topics, databases and Redis keys):
+
+  kafka passthrough   raw aiokafka: consume a batch, produce it on, on the same broker
+  store ceiling       raw bulk upserts by _id, batches of the pipeline's size, same MongoDB
+  e2e                 the four services as processes; the CDNOW replay of the first N customers
+                      at full speed; done when profile, loyalty and churn have consumed every
+                      shop event (lag 0). Store writes and peak RSS per service come from here.
+  naive               the same shop events through what a FastStream tutorial would write: one
+                      message at a time, find_one + update_one per consuming service, one
+                      confirmed publish per derived event
+  latency             wall clock; new customers' first purchases offered at half the e2e rate;
+                      purchase to thank-you message (NotificationSent.latency_ms)
+  full replay         the whole CDNOW master file at --speed max through all four services
+                      (skipped with --quick)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+
+from services.stack import dashboard
+from services.stack.secrets import fresh
+from services.stack.servers import Stack, StackSettings
+from services.stack.supervisor import Child, Supervisor
+
+SERVICES = ("profile", "loyalty", "churn", "notify")
+SHOP_CONSUMERS = ("profile", "loyalty", "churn")
+BATCH = 500  # the pipeline's batch_max_records default: the store ceiling uses the same size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Fleet:
+    """The four services as OS processes on one namespace of the bench stack."""
+
+    def __init__(self, stack: Stack, state, namespace: str, clock: str, env: dict | None = None):
+        self.namespace = namespace
+        self.env = {
+            **state.env(),
+            **fresh(),
+            "CRM_TOPIC_PREFIX": f"{namespace}.",
+            "CRM_DB_PREFIX": f"{namespace}_",
+            "CRM_REDIS_PREFIX": f"crm-bench:{namespace}:",
+            "CRM_CLOCK": clock,
+            "CRM_LOG_LEVEL": "WARNING",
+            **(env or {}),
+        }
+        self.ports = {name: _free_port() for name in SERVICES}
+        children = [
+            Child(
+                f"bench-{name}",
+                [sys.executable, "-m", f"services.{name}"],
+                {**self.env, f"CRM_{name.upper()}_HTTP_PORT": str(port)},
+            )
+            for name, port in self.ports.items()
+        ]
+        self.supervisor = Supervisor(
+            SimpleNamespace(run_dir=stack.run_dir, log_dir=stack.log_dir), children, log=lambda _m: None
+        )
+
+    def common(self):
+        from services.runtime.settings import CommonSettings
+
+        return CommonSettings(
+            kafka_bootstrap=self.env["CRM_KAFKA_BOOTSTRAP"],
+            mongo_url=self.env["CRM_MONGO_URL"],
+            topic_prefix=self.env["CRM_TOPIC_PREFIX"],
+        )
+
+    def snapshot(self) -> dashboard.Snapshot:
+        return dashboard.parse(dashboard.scrape(self.ports))
+
+    async def start(self) -> None:
+        from services.runtime.kafka import ensure_topics
+
+        await ensure_topics(self.common())
+        self.supervisor.start_all()
+        await self.wait(lambda s: not s.down and all(s.ready.get(n) and s.partitions.get(n) for n in SERVICES), 120)
+
+    async def wait(self, done: Callable[[dashboard.Snapshot], bool], limit_s: float) -> dashboard.Snapshot:
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            snap = await asyncio.to_thread(self.snapshot)
+            if done(snap):
+                return snap
+            await asyncio.sleep(0.25)
+        raise TimeoutError(f"{self.namespace}: not done in {limit_s:.0f}s; logs in var/bench/log/")
+
+    async def settle(self, limit_s: float, quiet_s: float = 5.0) -> dashboard.Snapshot:
+        """Until nothing is left to read and no counter moved for quiet_s."""
+        deadline, since, last = time.monotonic() + limit_s, None, None
+        while time.monotonic() < deadline:
+            snap = await asyncio.to_thread(self.snapshot)
+            if snap.caught_up() and snap.counters() == last:
+                since = since or time.monotonic()
+                if time.monotonic() - since >= quiet_s:
+                    return snap
+            else:
+                since = None
+            last = snap.counters()
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"{self.namespace}: did not settle in {limit_s:.0f}s")
+
+    def rss_peak_mb(self) -> dict[str, float]:
+        out = {}
+        for child in self.supervisor.children:
+            try:
+                status = Path(f"/proc/{child.proc.pid}/status").read_text()
+            except (OSError, AttributeError):
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    out[child.name.removeprefix("bench-")] = round(int(line.split()[1]) / 1024, 1)
+        return out
+
+    def stop(self) -> None:
+        self.supervisor.stop_all()
+
+
+def _shop_events(customers: int) -> list:
+    from services.replay.cdnow import events, first_customers, read_master
+
+    return [event for _day, event in events(first_customers(read_master(), customers))]
+
+
+async def _publish(common, events, rate: float | None = None) -> float:
+    """Publish the events (at `rate` per second, or as fast as acknowledged); returns the seconds taken."""
+    from services.runtime.broker import KafkaPublisher
+
+    publisher = KafkaPublisher(common)
+    await publisher.start()
+    started = time.monotonic()
+    try:
+        chunk = 100 if rate else BATCH
+        for i in range(0, len(events), chunk):
+            part = events[i : i + chunk]
+            await publisher.send_many([(common.topic(e.TOPIC), e.key(), e.to_bytes(), ()) for e in part])
+            if rate:
+                delay = started + (i + len(part)) / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+    finally:
+        await publisher.stop()
+    return time.monotonic() - started
+
+
+# -- phases ---------------------------------------------------------------------------------------------
+
+
+async def kafka_passthrough(bootstrap: str, events: list, log) -> float:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    ns = f"bench-pass-{uuid.uuid4().hex[:6]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, enable_idempotence=False)
+    await producer.start()
+    try:
+        futures = [await producer.send(f"{ns}.in", e.to_bytes(), key=e.key()) for e in events]
+        await asyncio.gather(*futures)
+        consumer = AIOKafkaConsumer(
+            f"{ns}.in",
+            bootstrap_servers=bootstrap,
+            group_id=ns,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )
+        await consumer.start()
+        moved, started = 0, time.monotonic()
+        try:
+            while moved < len(events):
+                batch = await consumer.getmany(timeout_ms=1000, max_records=BATCH)
+                records = [r for rs in batch.values() for r in rs]
+                futures = [await producer.send(f"{ns}.out", r.value, key=r.key) for r in records]
+                await asyncio.gather(*futures)
+                if records:
+                    await consumer.commit()
+                moved += len(records)
+            seconds = time.monotonic() - started
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
+    log(f"kafka passthrough: {moved:,} messages consumed and produced in {seconds:.1f}s")
+    return moved / seconds
+
+
+async def store_ceiling(mongo_url: str, sample: list[dict], ops: int, log) -> float:
+    from pymongo import AsyncMongoClient, ReplaceOne
+
+    client = AsyncMongoClient(mongo_url)
+    coll = client[f"bench_ceiling_{uuid.uuid4().hex[:6]}"]["docs"]
+    try:
+        started = time.monotonic()
+        for i in range(0, ops, BATCH):
+            docs = [{**sample[(i + j) % len(sample)], "_id": f"c{i + j}"} for j in range(min(BATCH, ops - i))]
+            await coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
+        seconds = time.monotonic() - started
+        await client.drop_database(coll.database.name)
+    finally:
+        await client.close()
+    log(f"store ceiling: {ops:,} bulk upserts by _id in {seconds:.1f}s")
+    return ops / seconds
+
+
+async def naive(state, events: list, log) -> float:
+    """The tutorial version: per message, for each consuming service a find_one and an update_one,
+    then one confirmed publish of a derived event. No batching, no cache, no outbox."""
+    from faststream import AckPolicy
+    from faststream.kafka import KafkaBroker
+    from pymongo import AsyncMongoClient
+
+    ns = f"bench-naive-{uuid.uuid4().hex[:6]}"
+    client = AsyncMongoClient(state.mongo_url)
+    dbs = {s: client[f"{ns}_{s}"]["customers"] for s in SHOP_CONSUMERS}
+    broker = KafkaBroker(state.kafka_bootstrap)
+    done = asyncio.Event()
+    count = 0
+
+    @broker.subscriber(
+        f"{ns}.shop.purchases",
+        f"{ns}.shop.interactions",
+        group_id=ns,
+        auto_offset_reset="earliest",
+        ack_policy=AckPolicy.ACK,
+    )
+    async def handle(body: dict) -> None:
+        nonlocal count
+        cid = body["customer_id"]
+        for service, coll in dbs.items():
+            doc = await coll.find_one({"_id": cid}) or {"events": 0}
+            await coll.update_one(
+                {"_id": cid},
+                {
+                    "$set": {"events": doc["events"] + 1, "last": body["occurred_at"]},
+                    "$push": {"seen": body["event_id"]},
+                },
+                upsert=True,
+            )
+            derived = {"type": f"{service}.updated", "customer_id": cid, "cause": body["event_id"]}
+            await broker.publish(derived, f"{ns}.crm.{service}", key=cid.encode())
+        count += 1
+        if count >= len(events):
+            done.set()
+
+    await broker.start()
+    try:
+        from services.runtime.settings import CommonSettings
+
+        common = CommonSettings(kafka_bootstrap=state.kafka_bootstrap, topic_prefix=f"{ns}.")
+        started = time.monotonic()
+        await _publish(common, events)
+        await asyncio.wait_for(done.wait(), timeout=1800)
+        seconds = time.monotonic() - started
+    finally:
+        await broker.stop()
+        for service in SHOP_CONSUMERS:
+            await client.drop_database(f"{ns}_{service}")
+        await client.close()
+    log(f"naive: {len(events):,} events in {seconds:.1f}s")
+    return len(events) / seconds
+
+
+async def e2e(stack, state, events: list, log) -> dict:
+    fleet = Fleet(stack, state, f"bench-e2e-{uuid.uuid4().hex[:6]}", "event")
+    await fleet.start()
+    try:
+        common = fleet.common()
+        shop = len(events)
+        started = time.monotonic()
+        await _publish(common, events)
+
+        def consumed_all(s: dashboard.Snapshot) -> bool:
+            return all(s.consumed.get(n, 0) >= shop and s.partitions.get(n) for n in SHOP_CONSUMERS) and all(
+                s.lag.get(n, 1) == 0 for n in SHOP_CONSUMERS
+            )
+
+        await fleet.wait(consumed_all, 3600)
+        seconds = time.monotonic() - started
+        log(f"e2e: {shop:,} shop events through profile, loyalty and churn in {seconds:.1f}s")
+        snap = await fleet.settle(3600)
+        log(f"e2e: every service settled (notify included) after {time.monotonic() - started:.1f}s")
+        writes = await _store_writes(fleet)
+        sample = await _sample_docs(state.mongo_url, fleet.namespace)
+        return {
+            "seconds": seconds,
+            "events": shop,
+            "events_per_s": shop / seconds,
+            "settled_seconds": time.monotonic() - started,
+            "consumed": dict(snap.consumed),
+            "writes": writes,
+            "rss_mb_peak": fleet.rss_peak_mb(),
+            "sample": sample,
+        }
+    finally:
+        fleet.stop()
+
+
+async def _store_writes(fleet: Fleet) -> dict[str, float]:
+    import httpx
+
+    out = {}
+    async with httpx.AsyncClient() as client:
+        for name, port in fleet.ports.items():
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            out[name] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("crm_store_writes_total{")
+            )
+    return out
+
+
+async def _sample_docs(mongo_url: str, ns: str) -> list[dict]:
+    from pymongo import AsyncMongoClient
+
+    client = AsyncMongoClient(mongo_url)
+    try:
+        docs = []
+        for db, coll in (("profile", "customers"), ("loyalty", "accounts"), ("churn", "customers")):
+            docs += [d async for d in client[f"{ns}_{db}"][coll].find({}).limit(200)]
+        return docs
+    finally:
+        await client.close()
+
+
+async def latency(stack, state, rate: float, seconds: float, log) -> dict:
+    """New customers register and buy at `rate` shop events per second; purchase to thank-you message."""
+    from contracts.shop import (
+        CustomerRegistered,
+        CustomerRegisteredData,
+        PurchaseCompleted,
+        PurchaseCompletedData,
+        PurchaseLine,
+    )
+
+    fleet = Fleet(stack, state, f"bench-lat-{uuid.uuid4().hex[:6]}", "wall")
+    await fleet.start()
+    try:
+        common = fleet.common()
+        from services.runtime.broker import KafkaPublisher
+
+        publisher = KafkaPublisher(common)
+        await publisher.start()
+        sent, started = 0, time.monotonic()
+        try:
+            while time.monotonic() - started < seconds:
+                cid = f"bench-{uuid.uuid4().hex[:12]}"
+                now = datetime.now(UTC)
+                reg = CustomerRegistered(
+                    event_id=uuid.uuid4(),
+                    occurred_at=now,
+                    producer="bench",
+                    customer_id=cid,
+                    data=CustomerRegisteredData(
+                        name="Bench Customer", email=f"{cid}@example.com", consents={"email": True, "sms": False}
+                    ),
+                )
+                buy = PurchaseCompleted(
+                    event_id=uuid.uuid4(),
+                    occurred_at=now,
+                    producer="bench",
+                    customer_id=cid,
+                    data=PurchaseCompletedData(
+                        order_id=f"o-{cid}",
+                        store_id="bench",
+                        channel="online",
+                        currency="USD",
+                        total=Decimal("25.00"),
+                        lines=[PurchaseLine(sku="cd-1", category="rock", quantity=1, unit_price=Decimal("25.00"))],
+                    ),
+                )
+                await publisher.send_many([(common.topic(e.TOPIC), e.key(), e.to_bytes(), ()) for e in (reg, buy)])
+                sent += 2
+                delay = started + sent / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        finally:
+            await publisher.stop()
+        await fleet.settle(1800)
+        samples = await _latencies(common, "first_purchase_thanks")
+        log(f"latency: {sent:,} events offered at {rate:.0f}/s for {seconds:.0f}s; {len(samples):,} thank-you messages")
+        return {"offered_events_per_s": rate, "messages": len(samples), "samples_ms": samples}
+    finally:
+        fleet.stop()
+
+
+async def _latencies(common, kind: str) -> list[float]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        common.topic("crm.notifications"),
+        bootstrap_servers=common.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out = []
+    try:
+        while batch := await consumer.getmany(timeout_ms=2000):
+            for records in batch.values():
+                for r in records:
+                    e = json.loads(r.value)
+                    if e["type"] == "NotificationSent" and e["data"]["kind"] == kind and e["data"].get("latency_ms"):
+                        out.append(e["data"]["latency_ms"])
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def full_replay(stack, state, log) -> float:
+    fleet = Fleet(stack, state, f"bench-full-{uuid.uuid4().hex[:6]}", "event")
+    await fleet.start()
+    try:
+        events = _shop_events(None)
+        started = time.monotonic()
+        await _publish(fleet.common(), events)
+        log(f"full replay: {len(events):,} events published in {time.monotonic() - started:.0f}s; waiting")
+        await fleet.settle(7200, quiet_s=10)
+        seconds = time.monotonic() - started
+        log(f"full replay: every service caught up after {seconds:.0f}s")
+        return seconds
+    finally:
+        fleet.stop()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+async def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=print) -> dict:
+    var = Path(os.environ.get("CRM_BENCH_VAR_DIR", "var/bench"))
+    stack = Stack(
+        StackSettings(
+            var_dir=var,
+            kafka_port=_free_port(),
+            mongo_port=_free_port(),
+            valkey_port=_free_port(),
+            smtp_port=_free_port(),
+            sms_port=_free_port(),
+        ),
+        log=lambda _m: None,
+    )
+    state = stack.up()
+    try:
+        events = _shop_events(customers)
+        log(f"workload: the first {customers:,} CDNOW customers, {len(events):,} shop events")
+        passthrough = await kafka_passthrough(state.kafka_bootstrap, events, log)
+        run_e2e = await e2e(stack, state, events, log)
+        ceiling = await store_ceiling(state.mongo_url, run_e2e.pop("sample"), 20_000, log)
+        naive_rate = await naive(state, events[:naive_events], log)
+        lat = await latency(stack, state, run_e2e["events_per_s"] / 2, latency_s, log)
+        replay_s = None if quick else await full_replay(stack, state, log)
+    finally:
+        stack.down()
+    purchases = sum(1 for e in events if e.type == "PurchaseCompleted")
+    writes_per_event = {s: run_e2e["writes"][s] / max(run_e2e["consumed"].get(s, 0), 1) for s in SERVICES}
+    # W: store writes per shop event across the services (notify's counted against the shop events
+    # that caused its work, since it consumes derived events only).
+    w = sum(run_e2e["writes"].values()) / run_e2e["events"]
+    e2e_rate = run_e2e["events_per_s"]
+    return {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform},
+        "workload": {"customers": customers, "shop_events": run_e2e["events"], "purchases": purchases},
+        "e2e_events_per_s": round(e2e_rate, 1),
+        "e2e_settled_seconds": round(run_e2e["settled_seconds"], 1),
+        "naive_events_per_s": round(naive_rate, 1),
+        "naive_events": naive_events,
+        "store_ceiling_ops_per_s": round(ceiling, 1),
+        "kafka_passthrough_events_per_s": round(passthrough, 1),
+        "latency_ms_p50": _round(_percentile(lat["samples_ms"], 50)),
+        "latency_ms_p99": _round(_percentile(lat["samples_ms"], 99)),
+        "latency_offered_events_per_s": round(lat["offered_events_per_s"], 1),
+        "latency_messages": lat["messages"],
+        "store_ops_per_1000_events": {s: round(v * 1000, 1) for s, v in writes_per_event.items()},
+        "store_writes_per_shop_event_W": round(w, 3),
+        "rss_mb_peak": run_e2e["rss_mb_peak"],
+        "cdnow_replay_seconds": None if replay_s is None else round(replay_s, 1),
+        "ratios": {
+            "e2e_over_naive": round(e2e_rate / naive_rate, 2),
+            "e2e_times_W_over_store_ceiling": round(e2e_rate * w / ceiling, 3),
+        },
+        "goals": {"e2e_over_naive": ">= 10", "e2e_times_W_over_store_ceiling": ">= 0.8"},
+    }
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 1)
