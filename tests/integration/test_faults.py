@@ -1,16 +1,19 @@
 """Faults during a CDNOW replay through all four services (real processes, broker, MongoDB, Redis, SMTP, SMS).
 
-Each run ends in exactly the state of a clean run of the same events: the same ledgers (whole
-account documents), profile aggregates and risk bands, and the same messages, each received once.
+Each faulty run must end as a clean run of the same events did: the same ledger balances, profile
+aggregates, risk bands and clocks; the same care and retention requests; every request settled
+once (sent at most once, on one Message-ID or one SMS line); the same messages sent, but for
+time-limited ones (a birthday greeting is for its day) that the outage delayed past their deadline.
 
 Settings that make a decision depend on *when* a process got to a message rather than on the
-events are pinned for these runs: no churn model refit (a refit learns from whatever was processed
-by then), no expiry of marketing messages and follow-ups, no frequency caps and no quiet hours
-(they judge the time of sending, which a restart delays: a message decided late at night waits
-for a morning the replay never reaches) and no limit on waiting for a customer's contact details
-(another service's output, which a restart delays). Quiet hours with a restart and a Redis loss
-are tested in test_notify.py. Everything else runs as configured by default. The
-clean run plays the events at the same pace as the faulty ones.
+events are pinned for these runs: no churn model refit and no RFM breakpoint refresh (both learn
+from whatever was processed by then, on a wall-clock schedule, and value tiers decide retention
+steps); no expiry of marketing messages and follow-ups, no frequency caps and no quiet hours (they
+judge the time of sending, which a restart delays: a message decided late at night waits for a
+morning the replay never reaches); no limit on waiting for a customer's contact details (another
+service's output, which a restart delays). Quiet hours with a Redis loss are tested in
+test_notify.py. Everything else runs as configured by default. The clean run plays the events at
+the same pace as the faulty ones.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ CUSTOMERS = 150
 PACED = 25 / 560
 PINNED = {
     "CRM_CHURN_REFIT_MIN_CUSTOMERS": "1000000000",
+    "CRM_PROFILE_RFM_MIN_CUSTOMERS": "1000000000",
     "CRM_NOTIFY_MARKETING_MAX_AGE_DAYS": "100000",
     "CRM_NOTIFY_CONTACT_WAIT_MINUTES": "100000000",
     "CRM_NOTIFY_QUIET_HOURS": "false",

@@ -272,19 +272,21 @@ async def read_topic(fleet: Fleet, topic: str) -> list[dict]:
 
 
 async def requests_and_outcomes(fleet: Fleet) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """Care and retention requests made (event ids), and notify's outcomes per request (type: reason)."""
+    """Care and retention requests made (id -> what), and notify's distinct outcomes per request."""
     made = {
         e["event_id"]: f"{e['customer_id']} {e['type']} {e['data'].get('kind')} step {e['data'].get('step')} "
         f"at {e['occurred_at']} by {e['producer']}"
         for t in ("crm.care", "crm.retention")
         for e in await read_topic(fleet, t)
     }
-    outcomes: dict[str, list[str]] = {}
+    outcomes: dict[str, dict[str, str]] = {}
     for e in await read_topic(fleet, "crm.notifications"):
         rid = e["data"].get("request_id")
         if rid and e["type"] in ("NotificationSent", "NotificationSuppressed", "NotificationFailed"):
-            outcomes.setdefault(rid, []).append(f"{e['type']}: {e['data'].get('reason') or ''}".strip())
-    return made, outcomes
+            # By event id: an outcome published again after a crash (same id) is one outcome.
+            what = f"{e['type']}: {e['data'].get('reason') or e['data'].get('channel') or ''}"
+            outcomes.setdefault(rid, {})[e["event_id"]] = what
+    return made, {rid: sorted(o.values()) for rid, o in outcomes.items()}
 
 
 async def fates(fleet: Fleet, request_ids: list[str]) -> dict[str, str]:
