@@ -231,7 +231,8 @@ async def naive(state, events: list, log) -> float:
     ns = f"bench-naive-{uuid.uuid4().hex[:6]}"
     client = AsyncMongoClient(state.mongo_url)
     dbs = {s: client[f"{ns}_{s}"]["customers"] for s in SHOP_CONSUMERS}
-    broker = KafkaBroker(state.kafka_bootstrap)
+    # Without FastStream's per-message log lines: they would slow the baseline down, not ours.
+    broker = KafkaBroker(state.kafka_bootstrap, logger=None)
     done = asyncio.Event()
     count = 0
 
@@ -448,7 +449,8 @@ def _percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-async def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=print) -> dict:
+def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=print) -> dict:
+    """Start a stack of its own (var/bench/, free ports), measure, stop it."""
     var = Path(os.environ.get("CRM_BENCH_VAR_DIR", "var/bench"))
     stack = Stack(
         StackSettings(
@@ -461,18 +463,23 @@ async def run(customers: int, naive_events: int, latency_s: float, quick: bool, 
         ),
         log=lambda _m: None,
     )
+    stack.down()  # what an interrupted bench left behind in var/bench (its own servers only)
     state = stack.up()
     try:
-        events = _shop_events(customers)
-        log(f"workload: the first {customers:,} CDNOW customers, {len(events):,} shop events")
-        passthrough = await kafka_passthrough(state.kafka_bootstrap, events, log)
-        run_e2e = await e2e(stack, state, events, log)
-        ceiling = await store_ceiling(state.mongo_url, run_e2e.pop("sample"), 20_000, log)
-        naive_rate = await naive(state, events[:naive_events], log)
-        lat = await latency(stack, state, run_e2e["events_per_s"] / 2, latency_s, log)
-        replay_s = None if quick else await full_replay(stack, state, log)
+        return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log))
     finally:
         stack.down()
+
+
+async def _measure(stack, state, customers: int, naive_events: int, latency_s: float, quick: bool, log) -> dict:
+    events = _shop_events(customers)
+    log(f"workload: the first {customers:,} CDNOW customers, {len(events):,} shop events")
+    passthrough = await kafka_passthrough(state.kafka_bootstrap, events, log)
+    run_e2e = await e2e(stack, state, events, log)
+    ceiling = await store_ceiling(state.mongo_url, run_e2e.pop("sample"), 20_000, log)
+    naive_rate = await naive(state, events[:naive_events], log)
+    lat = await latency(stack, state, run_e2e["events_per_s"] / 2, latency_s, log)
+    replay_s = None if quick else await full_replay(stack, state, log)
     purchases = sum(1 for e in events if e.type == "PurchaseCompleted")
     writes_per_event = {s: run_e2e["writes"][s] / max(run_e2e["consumed"].get(s, 0), 1) for s in SERVICES}
     # W: store writes per shop event across the services (notify's counted against the shop events

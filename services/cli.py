@@ -511,7 +511,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    result = asyncio.run(bench.run(args.customers, args.naive_events, args.latency_seconds, args.quick, log=log))
+    result = bench.run(args.customers, args.naive_events, args.latency_seconds, args.quick, log=log)
     text = json.dumps(result, indent=2) + "\n"
     if args.json:
         Path(args.json).write_text(text)
