@@ -206,6 +206,8 @@ class ServiceHost:
                     if store.schedule.stale:
                         n = await store.rebuild_schedule(self.owns)
                         log.info("schedule rebuilt: %d customers owned", n)
+                        if flushed := await self.pipeline.flush_outboxes(self.owns):
+                            log.warning("published %d events a crash had left in stored outboxes", flushed)
                     ids = store.schedule.pop_due(self.clock.now(), self.common.batch_max_records)
                     if not ids:
                         break

@@ -254,6 +254,12 @@ class StateStore:
             self.schedule.set(doc.customer_id, doc.due)
         return len(ops)
 
+    async def with_pending_outbox(self, owns: Callable[[str], bool]) -> list[str]:
+        """Customers this consumer owns whose stored outbox still holds events (one projection scan)."""
+        return [
+            d["_id"] async for d in self.collection.find({"outbox.0": {"$exists": True}}, {"_id": 1}) if owns(d["_id"])
+        ]
+
     async def clear_outboxes(self, docs: Iterable[CustomerDoc]) -> int:
         """Drop already-published outbox entries now instead of at the next write (after an erasure)."""
         ids = [d.customer_id for d in docs]
