@@ -404,27 +404,30 @@ async def latency(stack, state, rate: float, seconds: float, log) -> dict:
         fleet.stop()
 
 
-async def _latencies(common, kind: str) -> list[float]:
+async def read_events(bootstrap: str, topic: str) -> list[dict]:
+    """Every event on a topic, from the beginning until a fetch comes back empty."""
     from aiokafka import AIOKafkaConsumer
 
     consumer = AIOKafkaConsumer(
-        common.topic("crm.notifications"),
-        bootstrap_servers=common.kafka_bootstrap,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False
     )
     await consumer.start()
     out = []
     try:
         while batch := await consumer.getmany(timeout_ms=2000):
             for records in batch.values():
-                for r in records:
-                    e = json.loads(r.value)
-                    if e["type"] == "NotificationSent" and e["data"]["kind"] == kind and e["data"].get("latency_ms"):
-                        out.append(e["data"]["latency_ms"])
+                out.extend(json.loads(r.value) for r in records)
     finally:
         await consumer.stop()
     return out
+
+
+async def _latencies(common, kind: str) -> list[float]:
+    return [
+        e["data"]["latency_ms"]
+        for e in await read_events(common.kafka_bootstrap, common.topic("crm.notifications"))
+        if e["type"] == "NotificationSent" and e["data"]["kind"] == kind and e["data"].get("latency_ms")
+    ]
 
 
 async def full_replay(stack, state, log) -> float:

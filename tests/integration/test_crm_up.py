@@ -45,23 +45,27 @@ def _ready(port: int, timeout: float) -> bool:
 SERVICE_NAMES = ("profile", "loyalty", "churn", "notify")
 
 
+def _env(ports: dict[str, int], var: Path) -> dict[str, str]:
+    """`crm up` on its own HTTP ports, server ports and var/ dir, beside anything else running."""
+    return {
+        **os.environ,
+        **{f"CRM_{name.upper()}_HTTP_PORT": str(port) for name, port in ports.items()},
+        "CRM_STACK_SMTP_PORT": str(free_port()),
+        "CRM_STACK_SMS_PORT": str(free_port()),
+        "CRM_STACK_VAR_DIR": str(var),
+        "CRM_STACK_KAFKA_PORT": str(free_port()),
+        "CRM_STACK_MONGO_PORT": str(free_port()),
+        "CRM_STACK_VALKEY_PORT": str(free_port()),
+    }
+
+
 @pytest.fixture(scope="module")
 def crm_up(tmp_path_factory):
     """`crm up --replay cdnow` on its own ports and var/ dir, as a user starts it; stopped by the last test."""
     tmp_path = tmp_path_factory.mktemp("crm-up")
     ports = {name: free_port() for name in SERVICE_NAMES}
-    env = {
-        **os.environ,
-        **{f"CRM_{name.upper()}_HTTP_PORT": str(port) for name, port in ports.items()},
-        "CRM_STACK_SMTP_PORT": str(free_port()),
-        "CRM_STACK_SMS_PORT": str(free_port()),
-        "CRM_STACK_VAR_DIR": str(tmp_path / "var"),
-        "CRM_STACK_KAFKA_PORT": str(free_port()),
-        "CRM_STACK_MONGO_PORT": str(free_port()),
-        "CRM_STACK_VALKEY_PORT": str(free_port()),
-        # Force the embedded Valkey so that every server kind is started and stopped.
-        "CRM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
-    }
+    # Force the embedded Valkey so that every server kind is started and stopped.
+    env = {**_env(ports, tmp_path / "var"), "CRM_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--replay", "cdnow", "--speed", "30"],
         env=env,
@@ -179,16 +183,7 @@ def test_ctrl_c_leaves_no_stray_process(crm_up):
 
 def test_exit_when_done_prints_a_summary_with_where_to_look(tmp_path: Path):
     ports = {name: free_port() for name in SERVICE_NAMES}
-    env = {
-        **os.environ,
-        **{f"CRM_{name.upper()}_HTTP_PORT": str(port) for name, port in ports.items()},
-        "CRM_STACK_SMTP_PORT": str(free_port()),
-        "CRM_STACK_SMS_PORT": str(free_port()),
-        "CRM_STACK_VAR_DIR": str(tmp_path / "var"),
-        "CRM_STACK_KAFKA_PORT": str(free_port()),
-        "CRM_STACK_MONGO_PORT": str(free_port()),
-        "CRM_STACK_VALKEY_PORT": str(free_port()),
-    }
+    env = _env(ports, tmp_path / "var")
     argv = ["up", "--replay", "cdnow", "--customers", "150", "--speed", "max", "--exit-when-done", "--plain"]
     result = subprocess.run(
         [sys.executable, "-m", "services.cli", *argv], env=env, capture_output=True, text=True, timeout=400

@@ -17,9 +17,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 
+from services.bench import read_events
 from services.stack import dashboard
 from services.stack.secrets import fresh
 from services.stack.servers import start_process
@@ -105,8 +107,6 @@ class Fleet:
             if time.monotonic() - last >= 1:
                 # Each service's clock over the run: read when a comparison fails.
                 last = time.monotonic()
-                from datetime import UTC, datetime
-
                 clocks = dashboard.parse(dashboard.scrape(self.ports, timeout=0.5)).clock
                 self.trace.append(
                     (
@@ -219,8 +219,6 @@ class Fleet:
             sent = json.loads(line)
             sms[sent["request_id"]] += 1
             about[sent["request_id"]] = f"{sent['customer_id']} sms {sent['body'][:60]}"
-        from datetime import UTC, datetime
-
         clocks = {s: datetime.fromtimestamp(t, UTC).isoformat() for s, t in self.snapshot().clock.items()}
         return Outcome(loyalty, profile, bands, emails, email_ids=email_ids, clocks=clocks, about=about, sms=sms)
 
@@ -252,23 +250,7 @@ def _ledger(state: dict | None) -> dict | None:
 
 async def read_topic(fleet: Fleet, topic: str) -> list[dict]:
     """Every event on one of the fleet's topics, from the beginning."""
-    from aiokafka import AIOKafkaConsumer
-
-    consumer = AIOKafkaConsumer(
-        f"{fleet.namespace}.{topic}",
-        bootstrap_servers=fleet.common_env["CRM_KAFKA_BOOTSTRAP"],
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-    )
-    await consumer.start()
-    out = []
-    try:
-        while batch := await consumer.getmany(timeout_ms=2000):
-            for records in batch.values():
-                out.extend(json.loads(r.value) for r in records)
-    finally:
-        await consumer.stop()
-    return out
+    return await read_events(fleet.common_env["CRM_KAFKA_BOOTSTRAP"], f"{fleet.namespace}.{topic}")
 
 
 async def requests_and_outcomes(fleet: Fleet) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -287,25 +269,6 @@ async def requests_and_outcomes(fleet: Fleet) -> tuple[dict[str, str], dict[str,
             what = f"{e['type']}: {e['data'].get('reason') or e['data'].get('channel') or ''}"
             outcomes.setdefault(rid, {})[e["event_id"]] = what
     return made, {rid: sorted(o.values()) for rid, o in outcomes.items()}
-
-
-async def fates(fleet: Fleet, request_ids: list[str]) -> dict[str, str]:
-    """What notify did with these requests: its last word on crm.notifications, or the job still open."""
-    from pymongo import AsyncMongoClient
-
-    wanted, out = set(request_ids), {}
-    for e in await read_topic(fleet, "crm.notifications"):
-        if e["data"].get("request_id") in wanted:
-            out[e["data"]["request_id"]] = f"{e['type']} {e['data'].get('reason')} at {e['occurred_at']}"
-    client = AsyncMongoClient(fleet.common_env["CRM_MONGO_URL"])
-    try:
-        async for d in client[f"{fleet.common_env['CRM_DB_PREFIX']}notify"]["customers"].find({}, {"s.jobs": 1}):
-            for rid, job in ((d.get("s") or {}).get("jobs") or {}).items():
-                if rid in wanted:
-                    out[rid] = f"open: {job.get('status')} {job.get('reason')} wake {job.get('wake')}"
-    finally:
-        await client.close()
-    return out
 
 
 async def replay(fleet: Fleet, customers: int, seconds_per_day: float | None) -> int:
