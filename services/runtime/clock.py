@@ -7,7 +7,8 @@ never `datetime.now()`, so a replay of 1997 behaves as if it were 1997.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -38,11 +39,11 @@ class EventClock:
     as told by `caught_up`) does not hold time back: registrations stop long
     before purchases do. Without that callback, a source silent for `idle_s`
     wall seconds counts as caught up. When every source is caught up, time is
-    the newest event seen. Now never goes back.
+    the newest event seen. Now never goes back while the assignment holds (see `forget_sources`).
     """
 
     def __init__(self, start: datetime = EPOCH, idle_s: float = 5.0, monotonic=time.monotonic):
-        self._now = start
+        self._now = self._start = start
         self._newest: dict[object, tuple[datetime, float]] = {}
         self.idle_s = idle_s
         self._monotonic = monotonic
@@ -50,18 +51,42 @@ class EventClock:
         # Sources assigned to us; one not seen yet holds time still until it is caught up
         # (a partition read later than its siblings must not find its events already in the past).
         self._expected: set[object] = set()
+        self._steady: dict[object, bool] | None = None
 
     def expect_sources(self, sources: set[object]) -> None:
         self._expected = set(sources)
 
+    @contextmanager
+    def steady(self) -> Iterator[None]:
+        """Within this block each source's caught-up state is asked once and then remembered.
+
+        For code that does not yield to the event loop (a batch's apply loop): nothing is fetched
+        meanwhile, so the answers cannot change, and asking for every event of a big batch cost
+        more than the events' domain logic.
+        """
+        self._steady = {}
+        try:
+            yield
+        finally:
+            self._steady = None
+
+    def _is_caught_up(self, source: object) -> bool:
+        assert self.caught_up is not None
+        if self._steady is None:
+            return self.caught_up(source)
+        known = self._steady.get(source)
+        if known is None:
+            known = self._steady[source] = self.caught_up(source)
+        return known
+
     def _holds_back(self, source: object, seen: float, cutoff: float) -> bool:
         if self.caught_up is not None:
-            return not self.caught_up(source)
+            return not self._is_caught_up(source)
         return seen >= cutoff
 
     def now(self) -> datetime:
         if self.caught_up is not None and any(
-            src not in self._newest and not self.caught_up(src) for src in self._expected
+            src not in self._newest and not self._is_caught_up(src) for src in self._expected
         ):
             return self._now
         if self._newest:
@@ -78,9 +103,22 @@ class EventClock:
         self._newest[source] = (newest, self._monotonic())
 
     def forget_sources(self) -> None:
-        """After a rebalance: partitions no longer owned must not hold the watermark back."""
+        """After a rebalance: partitions no longer owned must not hold the watermark back, and time
+        starts again from what the partitions now owned tell (their clock marks, then their events).
+
+        The one place where now goes back: partitions taken over from another consumer may be
+        behind the time this one had reached with its own, and their customers must not be swept
+        to a day their events have not reached yet (a won-back purchase would come after the offer).
+        """
         self._newest.clear()
         self._expected.clear()
+        self._now = self._start
+
+
+def steady(clock: Clock):
+    """The clock's `steady` block if it has one (event time), else nothing to hold."""
+    hold = getattr(clock, "steady", None)
+    return hold() if hold is not None else nullcontext()
 
 
 def make_clock(kind: str) -> Clock:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from contracts import Event, InvalidMessage, Registry
 from contracts.topics import dlq
-from services.runtime.clock import Clock
+from services.runtime.clock import Clock, steady
 from services.runtime.logs import customer_id_var, event_id_var
 from services.runtime.records import DLQ_SHA256, DLQ_TRUNCATED, DeadLetter, Record
 from services.runtime.statestore import ClockMarks, CustomerDoc, OutboxEntry, StateStore, with_backoff
@@ -156,11 +156,12 @@ class Pipeline:
         # decision sees the time it would have seen had the events come one by one.
         ordered = sorted((it for items in by_customer.values() for it in items), key=lambda it: it[0].occurred_at)
         changed: dict[str, datetime] = {}
-        for event, rec in ordered:
-            doc = docs[event.customer_id]
-            at = self._apply_event(doc, event, rec, result)
-            if at is not None:
-                changed[doc.customer_id] = at
+        with steady(self.clock):
+            for event, rec in ordered:
+                doc = docs[event.customer_id]
+                at = self._apply_event(doc, event, rec, result)
+                if at is not None:
+                    changed[doc.customer_id] = at
         if self._due is not None:
             for cid, at in changed.items():
                 # Once per customer and batch: only the final state's next due time matters.

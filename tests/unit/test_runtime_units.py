@@ -74,9 +74,13 @@ def test_event_clock_is_the_low_watermark_of_its_sources():
     clock.observe(datetime(1997, 4, 1, tzinfo=UTC), ("p", 1))
     wall[0] = 6  # partition 0 has been quiet for 6 s: it no longer holds time back
     assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)
+    clock.observe(datetime(1997, 3, 15, tzinfo=UTC), ("p", 1))
+    assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)  # never back while the assignment holds
+    # A new assignment: a partition taken over is behind; time restarts from what it tells.
     clock.forget_sources()
+    clock.expect_sources({("p", 2)})
     clock.observe(datetime(1997, 1, 15, tzinfo=UTC), ("p", 2))
-    assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)  # never back
+    assert clock.now() == datetime(1997, 1, 15, tzinfo=UTC)
 
 
 def test_dead_letter_headers_keep_the_original_ones_and_add_the_reason():
@@ -103,3 +107,23 @@ def test_schedule_pops_due_customers_once_in_time_order():
     assert sorted(s.pop_due(t, limit=10)) == ["a", "b", "c"]
     s.clear()
     assert s.stale and s.next_due() is None
+
+
+def test_a_steady_event_clock_asks_each_source_once_and_still_follows_the_events():
+    asked: list[object] = []
+    clock = EventClock()
+
+    def caught_up(src):
+        asked.append(src)
+        return src == ("p", 1)
+
+    clock.caught_up = caught_up
+    clock.observe(datetime(1997, 1, 1, tzinfo=UTC), ("p", 0))
+    clock.observe(datetime(1997, 3, 1, tzinfo=UTC), ("p", 1))
+    with clock.steady():
+        assert clock.now() == datetime(1997, 1, 1, tzinfo=UTC)  # partition 0 is behind
+        clock.observe(datetime(1997, 2, 1, tzinfo=UTC), ("p", 0))
+        assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)
+    assert sorted(asked) == [("p", 0), ("p", 1)]
+    clock.now()
+    assert len(asked) == 4  # outside the block every call asks again
