@@ -36,6 +36,8 @@ def customer_view(cid: str, state: dict, domain: ChurnDomain, today: date) -> di
         "value_tier": state.get("value_tier"),
         "loyalty_tier": state.get("loyalty_tier"),
         "model_version": domain.model.version,
+        # Events newer than the clock, applied in event-time order once it passes them (docs/churn.md).
+        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
     }
     if state.get("first"):
         s = domain.model.signals(history(state), today)

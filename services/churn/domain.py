@@ -26,6 +26,7 @@ from contracts.crm import (
     CustomerWonBack,
     CustomerWonBackData,
     ProfileUpdated,
+    ProfileUpdatedData,
     RetentionRequested,
     RetentionRequestedData,
     RetentionTaskCreated,
@@ -38,6 +39,9 @@ from services.churn.model import RiskModel
 from services.churn.signals import ISSUE_DAYS, History
 
 PRODUCER = "churn"
+# The events whose order matters (see `ChurnDomain.apply`); held by type name until the clock passes them.
+ORDERED = (PurchaseCompleted, InteractionRecorded, ProfileUpdated, TierChanged)
+ORDERED_BY_NAME = {cls.__name__: cls for cls in ORDERED}
 LOW_SCORE = 2  # survey scores at or below this count as dissatisfaction (1-5 scale)
 PROBE_DAYS = (1, 2, 4, 8, 16, 32, 60)  # how far ahead `due` looks for a band change; 60 days at most
 
@@ -70,6 +74,7 @@ def new_state() -> dict[str, Any]:
         "erased": False,
         "risk": None,  # {"score", "band", "since", "reasons", "p_alive", "expected_purchases_90d", "on"}
         "ladder": {"step": 0, "episode": 0, "at_risk_since": None, "step_at": None},
+        "held": [],  # [time, event id, type, JSON] of events the clock has not passed yet, in order
     }
 
 
@@ -86,6 +91,9 @@ def history(st: dict[str, Any]) -> History:
 
 # Due points walked by one catch-up (band changes and ladder steps; about two a month at most).
 CATCH_UP_STEPS = 64
+# Remembered next band changes; cleared when full. About 1.8 KB each with the history's Assessor
+# (16,000 of them held 28 MB after 50,000 soak-like events): memory a soak sees grow.
+BAND_CHANGE_MEMO = 50_000
 
 
 def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
@@ -122,42 +130,73 @@ class ChurnDomain:
     ERASING = (CustomerErasureRequested, CustomerErased)
 
     def __init__(self, model: RiskModel, bands: BandRules | None = None, ladder: LadderRules | None = None):
+        self._band_changes: dict[tuple, datetime | None] = {}
+        self._assessors: dict[tuple, Assessor] = {}  # by history: the baseline is computed once
         self.model = model
         self.bands = bands or BandRules()
         self.ladder = ladder or LadderRules()
 
+    @property
+    def model(self) -> RiskModel:
+        return self._model
+
+    @model.setter
+    def model(self, model: RiskModel) -> None:
+        # Remembered band changes were found with the old model's scores.
+        self._model = model
+        self._band_changes, self._assessors = {}, {}
+
     # --- events -------------------------------------------------------------------------------
-    # An event is assessed at its own time: during a replay the clock may already be past it
-    # (another partition ran ahead), and "now" would judge old purchases by a later day. A
-    # later check, if one is due, follows from `due(state, now)`.
+    # Events are applied in event-time order, once the clock (the low watermark of every input
+    # partition under event time) has passed them; until then they wait in the state (`held`).
+    # Purchases and interactions come on two topics and the profile and tier updates on two more,
+    # and nothing orders reads across topics (after a restart, one topic's backlog may be read
+    # weeks ahead of another's). The walk of bands and ladder steps depends on the path, so the
+    # order is made the events' own. An event is assessed at its own time, not the clock's.
 
     def apply(self, state: dict[str, Any] | None, event: Event, now: datetime):
-        if isinstance(event, PurchaseCompleted):
-            return self._purchase(state, event, now)
-        if isinstance(event, InteractionRecorded):
-            return self._interaction(state, event, now)
-        if isinstance(event, ProfileUpdated):
-            st = _clone(state) if state else new_state()
-            st["value_tier"] = event.data.value_tier
-            st["top_categories"] = list(event.data.top_categories)
-            return st, []
-        if isinstance(event, TierChanged):
-            st = _clone(state) if state else new_state()
-            st["loyalty_tier"] = event.data.to_tier
-            return st, []
         if isinstance(event, self.ERASING):
             st = _clone(state) if state else new_state()
             # No personal data is kept here; what is left is pseudonymous behaviour. An erased
-            # customer is never contacted again, so the ladder stops for good.
+            # customer is never contacted again, so the ladder stops for good. Held events may
+            # carry free text (an interaction's): they go too.
             st["erased"] = True
             st["top_categories"] = []
             st["ladder"]["step"] = 0
+            st["held"] = []
             return st, []
-        return state, []
-
-    def _purchase(self, state, event: PurchaseCompleted, now: datetime):
+        if not isinstance(event, ORDERED):
+            return state, []
         st = _clone(state) if state else new_state()
+        if not st.get("held") and event.occurred_at <= now:
+            return st, self._handle(st, event)  # the common case: nothing waits, nothing to order
+        _hold(st, event)
+        return st, self._release(st, event.customer_id, now)
+
+    def _handle(self, st: dict[str, Any], event: Event) -> list[Event]:
+        """Apply one event to `st` (a copy), after the time-driven work that fell due before it."""
+        if isinstance(event, ProfileUpdated):
+            st["value_tier"] = event.data.value_tier
+            st["top_categories"] = list(event.data.top_categories)
+            return []
+        if isinstance(event, TierChanged):
+            st["loyalty_tier"] = event.data.to_tier
+            return []
         before = self._catch_up(st, event.customer_id, event.occurred_at)
+        if isinstance(event, PurchaseCompleted):
+            return before + self._purchase(st, event)
+        return before + self._interaction(st, event)
+
+    def _release(self, st: dict[str, Any], cid: str, until: datetime) -> list[Event]:
+        """Apply the held events the clock has passed, oldest first."""
+        derived: list[Event] = []
+        held = st.get("held") or []
+        while held and datetime.fromisoformat(held[0][0]) <= until:
+            _, _, type_name, body = held.pop(0)
+            derived += self._handle(st, ORDERED_BY_NAME[type_name].model_validate_json(body))
+        return derived
+
+    def _purchase(self, st: dict[str, Any], event: PurchaseCompleted) -> list[Event]:
         day = _day(event.occurred_at)
         key = day.isoformat()
         if key not in st["spend"]:
@@ -183,12 +222,9 @@ class ChurnDomain:
             )
             ladder.update(step=0, at_risk_since=None, step_at=None)
         _trim(st, _newest_day(st, day), self.ladder.history_days)
-        derived += self._reassess(st, event.customer_id, event.occurred_at, cause=event)
-        return st, before + derived
+        return derived + self._reassess(st, event.customer_id, event.occurred_at, cause=event)
 
-    def _interaction(self, state, event: InteractionRecorded, now: datetime):
-        st = _clone(state) if state else new_state()
-        before = self._catch_up(st, event.customer_id, event.occurred_at)
+    def _interaction(self, st: dict[str, Any], event: InteractionRecorded) -> list[Event]:
         key = _day(event.occurred_at).isoformat()
         st["touches"][key] = st["touches"].get(key, 0) + 1
         if event.data.kind == "complaint" and event.data.ticket_status != "resolved":
@@ -196,15 +232,16 @@ class ChurnDomain:
         if event.data.score is not None and event.data.score <= LOW_SCORE:
             st["low_scores"].append(key)
         _trim(st, _newest_day(st, _day(event.occurred_at)), self.ladder.history_days)
-        return st, before + self._reassess(st, event.customer_id, event.occurred_at, cause=event)
+        return self._reassess(st, event.customer_id, event.occurred_at, cause=event)
 
     # --- time ---------------------------------------------------------------------------------
 
     def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
-        if state.get("first") is None:
+        if state.get("first") is None and not state.get("held"):
             return state, []
         st = _clone(state)
-        derived = self._catch_up(st, customer_id, now)
+        derived = self._release(st, customer_id, now)
+        derived += self._catch_up(st, customer_id, now)
         return (st, derived) if derived or st != state else (state, [])
 
     def _catch_up(self, st: dict[str, Any], cid: str, until: datetime) -> list[Event]:
@@ -219,11 +256,11 @@ class ChurnDomain:
         if st.get("first") is None or st["risk"] is None:
             return derived
         for _ in range(CATCH_UP_STEPS):
-            at = self.due(st)
+            at = self._walk_due(st)
             if at is None or at > until:
-                # Nothing moves up to `until`: remember how far the way is known to be clear.
-                if _day(until) > _checked(st):
-                    st["risk"]["checked"] = _day(until).isoformat()
+                # Nothing moves up to `until`. Not remembered as checked: the next search would then
+                # start from the day of this call (a sweep's or an event's), and bands that are not
+                # monotone in time can be found on another day from another start.
                 break
             a = self._assessment(st, at)
             if self._changes(st, a, at):
@@ -236,8 +273,17 @@ class ChurnDomain:
         """The next moment the band or the ladder would move, after the last day already checked.
 
         From the state alone, not from `now`: a due time in the past (events read late, a sweep
-        that did not run) makes the sweep walk there at once instead of skipping the way.
+        that did not run) makes the sweep walk there at once instead of skipping the way. A held
+        event is due at its own time.
         """
+        walk = self._walk_due(state)
+        held = state.get("held")
+        if held:
+            first = datetime.fromisoformat(held[0][0])
+            return first if walk is None else min(walk, first)
+        return walk
+
+    def _walk_due(self, state: dict[str, Any]) -> datetime | None:
         if state.get("first") is None or state["risk"] is None:
             return None
         times = [self._next_band_change(state, _checked(state))]
@@ -353,9 +399,25 @@ class ChurnDomain:
         return scheduled(cls, cid, data, producer=PRODUCER, occasion=occasion, occurred_at=now)
 
     def _next_band_change(self, st: dict[str, Any], start: date) -> datetime | None:
-        """The first day after `start` on which the band would differ if nothing happened (at most 60 days on)."""
+        """The first day after `start` on which the band would differ if nothing happened (at most 60 days on).
+
+        Remembered by content: the same state is asked again by the runtime after every change and
+        by the next event's catch-up, and each answer costs a dozen assessments.
+        """
+        key = (st["risk"]["band"], start, _history_key(st))
+        if key in self._band_changes:
+            return self._band_changes[key]
+        if len(self._band_changes) >= BAND_CHANGE_MEMO:
+            self._band_changes.clear()
+            self._assessors.clear()
+        at = self._band_changes[key] = self._probe_band_change(st, start, key[2])
+        return at
+
+    def _probe_band_change(self, st: dict[str, Any], start: date, hkey: tuple) -> datetime | None:
         band = st["risk"]["band"]
-        assessor = Assessor(self.model, history(st), self.bands)
+        assessor = self._assessors.get(hkey)
+        if assessor is None:
+            assessor = self._assessors[hkey] = Assessor(self.model, history(st), self.bands)
 
         def differs(days: int) -> bool:
             return assessor.band(start + timedelta(days=days), band) != band
@@ -370,6 +432,37 @@ class ChurnDomain:
             lo = hi
         # Nothing within the horizon: look again then (a refit or the windows may change things).
         return _midnight(start + timedelta(days=PROBE_DAYS[-1]))
+
+
+def _hold(st: dict[str, Any], event: Event) -> None:
+    """Queue an event in (time, id) order: the same order in whatever order events were read."""
+    kept = _without_personal_data(event)
+    entry = [event.occurred_at.astimezone(UTC).isoformat(), str(event.event_id), event.type, kept.to_bytes().decode()]
+    held = st.setdefault("held", [])
+    held.append(entry)  # a redelivered event never gets here: the pipeline skips ids it has seen
+    held.sort(key=lambda h: (h[0], h[1]))
+
+
+def _without_personal_data(event: Event) -> Event:
+    """What churn needs of a held event: it keeps no contact details or free text, even for a while."""
+    if isinstance(event, ProfileUpdated):
+        data = ProfileUpdatedData(value_tier=event.data.value_tier, top_categories=event.data.top_categories)
+        return event.model_copy(update={"data": data})
+    if isinstance(event, InteractionRecorded) and event.data.text is not None:
+        return event.model_copy(update={"data": event.data.model_copy(update={"text": None})})
+    return event
+
+
+def _history_key(st: dict[str, Any]) -> tuple:
+    """Everything of the state that the band's course in time depends on, besides band and day."""
+    return (
+        st["first"],
+        st["purchase_days"],
+        tuple(sorted(st["spend"].items())),
+        tuple(sorted(st["touches"].items())),
+        tuple(st["complaints"]),
+        tuple(st["low_scores"]),
+    )
 
 
 def _midnight(d: date) -> datetime:

@@ -123,8 +123,10 @@ def compute(h: History, today: date, params: bgnbd.BgNbdParams, typical_gap_days
         mean_spend=sum(h.spend.values()) / len(h.spend) if h.spend else 0.0,
         recent_touches=int(recent_t),
         previous_touches=int(previous_t),
-        complaints=sum(1 for d in h.complaints if d > since),
-        low_scores=sum(1 for d in h.low_scores if d > since),
+        # Not after today: an interaction read before an older purchase (another topic) is in the
+        # history already, but it had not happened on the day being judged.
+        complaints=sum(1 for d in h.complaints if since < d <= today),
+        low_scores=sum(1 for d in h.low_scores if since < d <= today),
         p_alive=bgnbd.p_alive(params, x, t_x, T),
         expected_purchases=bgnbd.expected_purchases(params, WINDOW_DAYS / 7, x, t_x, T),
     )

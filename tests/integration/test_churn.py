@@ -95,6 +95,7 @@ async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_
         view = (await api.get(f"/customers/{cid}")).json()
         assert view["ladder"]["step"] == 3 and view["risk"]["band"] in ("high", "lost")
         assert view["signals"]["cadence_days"] == 30.0
+        assert view["waiting"] == []  # every event has been applied
         assert (await api.get("/customers/nobody")).status_code == 404
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as anon:
             assert (await anon.get("/models")).status_code == 401

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 from datetime import date, timedelta
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts.crm import ProfileUpdated, ProfileUpdatedData
@@ -61,7 +63,8 @@ def test_signals_recency_cadence_and_windows():
         first=date(1997, 1, 1),
         purchase_days=4,
         spend={date(1997, 1, 1): 10.0, date(1997, 2, 1): 20.0, date(1997, 4, 1): 30.0, date(1997, 6, 1): 40.0},
-        complaints=(date(1997, 5, 1), date(1996, 6, 1)),
+        complaints=(date(1997, 5, 1), date(1996, 6, 1), date(1997, 7, 2)),
+        low_scores=(date(1997, 8, 1),),
     )
     s = compute(h, date(1997, 7, 1), MODEL.params, 50.0)
     assert s.recency_days == 30
@@ -70,7 +73,9 @@ def test_signals_recency_cadence_and_windows():
     # Apr 1 is 91 days back: the recent window is the last 90 days, the previous one the 90 before.
     assert (s.recent_purchases, s.previous_purchases) == (1, 2)
     assert s.recent_spend == 40.0 and s.previous_spend == 50.0
-    assert s.complaints == 1  # the 1996 one is older than 180 days
+    # The 1996 one is older than 180 days; the July 2 one and the low score (read early, from
+    # another topic) had not happened yet on the day judged.
+    assert (s.complaints, s.low_scores) == (1, 0)
     assert 0 < s.p_alive < 1 and s.expected_purchases > 0
 
 
@@ -298,3 +303,122 @@ def test_a_refit_ignores_purchases_newer_than_its_day_and_learns_from_the_base()
     assert model.params.customers == 300 and model.train_customers == 300
     assert 0 < model.train_positive_rate < 1 and model.train_auc > 0.5
     assert fit(histories, today, min_customers=1000) is None
+
+
+def test_remembered_band_changes_are_those_of_the_model_in_use():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    first = d.due(state)
+    assert d.due(state) == first == ChurnDomain(MODEL).due(state)
+    # A refit whose weights are three times larger: risk rises faster, the band changes earlier.
+    riskier = dataclasses.replace(MODEL, weights=tuple(3 * w for w in MODEL.weights))
+    d.model = riskier
+    assert d.due(state) == ChurnDomain(riskier).due(state) != first
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=200), min_size=1, max_size=6),
+    st.lists(st.integers(min_value=0, max_value=200), max_size=4),
+    st.lists(st.integers(min_value=1, max_value=500 * 24), max_size=12),
+)
+def test_sweeps_at_any_extra_moments_derive_what_punctual_sweeps_do(buys, complaints, extra_hours):
+    """A sweep comes whenever the service gets to it (a rebalance, a restart, another customer's due
+    time in the same partition): where the walk stands in between must not change its path."""
+    d = ChurnDomain(MODEL)
+    events = [buy(order=f"o{i}", total="25.00", at=T0 + timedelta(days=day)) for i, day in enumerate(sorted(set(buys)))]
+    events += [
+        ev(
+            InteractionRecorded,
+            InteractionRecordedData(kind="complaint", channel="phone"),
+            T0 + timedelta(days=day, hours=1),
+        )
+        for day in complaints
+    ]
+    events.sort(key=lambda e: e.occurred_at)
+    start = events[-1].occurred_at
+    state = None
+    for e in events:  # punctually swept up to each event
+        state, _ = d.apply(state, e, e.occurred_at)
+    _, punctual = follow_the_clock(d, state, start, 500)
+    out = []
+    for h in [*sorted(extra_hours), 500 * 24]:
+        state, derived = d.tick(state, "c1", start + timedelta(hours=h))
+        out.extend(derived)
+    assert [(str(e.event_id), e.occurred_at) for e in out] == [(str(e.event_id), e.occurred_at) for _, e in punctual]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=8),
+    # One interaction a day at most: events at the very same time are ordered by id when held and
+    # by offset when not, and a shop's clock does not give two interactions the same microsecond.
+    st.lists(
+        st.tuples(st.integers(min_value=0, max_value=300), st.sampled_from(["complaint", "survey"])),
+        max_size=5,
+        unique_by=lambda t: t[0],
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_the_read_order_across_topics_does_not_change_what_is_derived(buys, touches, rng):
+    """Purchases and interactions come on two topics, read in any interleaving; `now` is the low
+    watermark (the older of the two topics' newest times read, until a topic is done)."""
+    purchases = [buy(order=f"o{i}", total="25.00", at=T0 + timedelta(days=d)) for i, d in enumerate(sorted(set(buys)))]
+    interactions = sorted(
+        (
+            ev(
+                InteractionRecorded,
+                InteractionRecordedData(kind=kind, channel="web", score=1 if kind == "survey" else None),
+                T0 + timedelta(days=d, hours=3),
+            )
+            for d, kind in touches
+        ),
+        key=lambda e: e.occurred_at,
+    )
+    end = T0 + timedelta(days=700)
+
+    def replay(streams):
+        d, state, out = ChurnDomain(MODEL), None, []
+        newest = {name: T0 - timedelta(days=1) for name, s in streams.items() if s}
+        while any(streams.values()):
+            name = (
+                rng.choice([n for n, s in streams.items() if s])
+                if streams is not ordered
+                else min((n for n, s in streams.items() if s), key=lambda n: streams[n][0].occurred_at)
+            )
+            event = streams[name].pop(0)
+            newest[name] = event.occurred_at
+            if not streams[name]:
+                newest.pop(name)  # read to its end: it no longer holds time back
+            now = min(newest.values(), default=end)
+            state, derived = d.apply(state, event, max(now, T0))
+            out += derived
+        state, derived = d.tick(state, "c1", end)
+        return state, [(e.type, str(e.event_id), e.occurred_at) for e in out + derived]
+
+    ordered = {"purchases": list(purchases), "interactions": list(interactions)}
+    expected_state, expected = replay(ordered)
+    state, derived = replay({"purchases": list(purchases), "interactions": list(interactions)})
+    assert derived == expected
+    assert state == expected_state and state["held"] == []
+
+
+def test_held_events_keep_no_personal_data_and_erasure_drops_them():
+    d = ChurnDomain(MODEL)
+    early = T0 - timedelta(days=1)  # the clock has not reached the events yet: they wait
+    snapshot = ev(
+        ProfileUpdated,
+        ProfileUpdatedData(name="Ada", email="ada@example.com", value_tier="vip", top_categories=["jazz"]),
+        T0,
+    )
+    note = ev(InteractionRecorded, InteractionRecordedData(kind="feedback", channel="web", text="call me on 555"), T0)
+    state, out = d.apply(None, snapshot, early)
+    state, out = d.apply(state, note, early)
+    assert out == [] and len(state["held"]) == 2
+    assert "ada" not in json.dumps(state).lower() and "555" not in json.dumps(state)
+    assert d.due(state) == T0  # released when the clock gets there
+    released, _ = d.tick(state, "c1", T0)
+    assert released["held"] == [] and released["value_tier"] == "vip" and released["touches"]
+    erasure = ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="r1", reason="asked"), T0)
+    erased, _ = d.apply(state, erasure, early)
+    assert erased["held"] == [] and erased["erased"]
