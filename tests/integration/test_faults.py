@@ -15,12 +15,19 @@ service's output, which a restart delays). Quiet hours with a Redis loss are tes
 test_notify.py. Everything else runs as configured by default. The clean run plays the events at
 the same pace as the faulty ones.
 
-Known limit, so compared apart and printed: churn's retention requests (and their messages). Risk
-bands are walked in event time, but purchases and interactions come on two topics; when an
-interaction older than the point the walk has reached is read after it, the walk does not go
-back, and the ladder of that customer may differ between runs (seen for 1 of the 150 customers
-after kills, and for 7 after a rebalance, whose cause is not pinned down yet). The final bands
-are compared and must be equal.
+Churn's retention ladder is compared like every other request. Its bands are walked from due time
+to due time in event time, from the state alone, so the moment a sweep runs does not change the
+path; a replica that takes over partitions restarts its clock from their clock marks; and churn
+applies its inputs (purchases and interactions on two shop topics, profile and tier updates on two
+more) in event-time order once the clock has passed them, so the read order across topics (after
+a restart, one topic's backlog may be read weeks ahead of another's) does not change it either.
+Churn's history (purchase days, spend, interactions, complaints, low scores) must be equal too.
+
+Known limit, reported and not failed: a churn retention request of the clean run may be missing
+after a kill. Seen once in five kill runs since the fixes above: the care and the offer of one
+customer's second episode (cdnow-00048, 1998-02-09 and 02-23), with the same history and band
+as the clean run. Whether they were derived and not published, or not derived, is not pinned
+down yet. An extra request or one at another time still fails.
 """
 
 from __future__ import annotations
@@ -83,16 +90,18 @@ async def _same(clean: Outcome, other: Outcome, fleet: Fleet) -> None:
     assert other.profile == clean.profile, _diff(clean.profile, other.profile)
     assert other.clocks == clean.clocks
     assert other.bands == clean.bands, _diff(clean.bands, other.bands)
-    # Profile, loyalty and churn asked for exactly the same messages.
-    # Churn's retention steps are compared apart (see the module docstring): reported, not failed.
-    ladder = {r for r, what in {**clean.requests, **other.requests}.items() if what.endswith("by churn")}
-    missing = sorted(clean.requests[r] for r in set(clean.requests) - set(other.requests) - ladder)
-    extra = sorted(other.requests[r] for r in set(other.requests) - set(clean.requests) - ladder)
-    assert not missing and not extra, f"requests missing: {missing[:8]}; extra: {extra[:8]}"
-    ladder_diff = sorted(
-        {**clean.requests, **other.requests}[r] for r in ladder if (r in clean.requests) != (r in other.requests)
-    )
-    print(f"\n{fleet.namespace}: retention requests that differ from the clean run: {ladder_diff}")
+    assert other.churn == clean.churn, _diff(clean.churn, other.churn)
+    # Profile, loyalty and churn asked for exactly the same messages, at the same event times.
+    # Known limit (module docstring): a churn retention request may be missing after a kill. Reported,
+    # not failed; anything else missing, any extra request and any request at another time fails.
+    lost = {r for r in set(clean.requests) - set(other.requests) if clean.requests[r].endswith("by churn")}
+    missing = sorted(clean.requests[r] for r in set(clean.requests) - set(other.requests) - lost)
+    extra = sorted(other.requests[r] for r in set(other.requests) - set(clean.requests))
+    moved = sorted(f"{clean.requests[r]} -> {other.requests[r]}" for r in set(clean.requests) & set(other.requests)
+                   if clean.requests[r] != other.requests[r])  # fmt: skip
+    assert not missing and not extra and not moved, f"missing: {missing[:8]}; extra: {extra[:8]}; moved: {moved[:8]}"
+    gone = sorted(clean.requests[r] for r in lost)
+    print(f"\n{fleet.namespace}: churn retention requests of the clean run missing here: {gone}")
     # Notify settled every request once: sent at most once, and sent or suppressed (with a reason)
     # exactly when the clean run did, but for one thing: a request with a deadline (a birthday
     # greeting is for its day) that the outage delayed past it is not sent. Delays are allowed.
@@ -102,7 +111,7 @@ async def _same(clean: Outcome, other: Outcome, fleet: Fleet) -> None:
     assert {r for r in other.requests if r not in other.outcomes} == {
         r for r in clean.requests if r not in clean.outcomes
     }
-    missing, extra = sorted(clean.messages - other.messages - ladder), sorted(other.messages - clean.messages - ladder)
+    missing, extra = sorted(clean.messages - other.messages - lost), sorted(other.messages - clean.messages)
 
     def late(outcome: Outcome, rid: str) -> bool:
         return any(o.startswith("NotificationSuppressed: expired") for o in outcome.outcomes.get(rid, []))
@@ -148,10 +157,13 @@ async def test_kill_9_of_random_services_mid_replay_ends_as_a_clean_run(clean, b
     rng = random.Random(20261124)
 
     async def faults(fleet: Fleet, play: asyncio.Task) -> None:
+        victims: list[str] = []
         while not play.done():
             await asyncio.sleep(rng.uniform(2.0, 5.0))
-            fleet.kill(f"{rng.choice(NAMES)}-0")
-        assert sum(fleet.kills.values()) >= 4, fleet.kills
+            # In rounds of the four services in random order: every one of them dies at least once.
+            victims = victims or rng.sample(NAMES, len(NAMES))
+            fleet.kill(f"{victims.pop()}-0")
+        assert all(fleet.kills[name] for name in NAMES), fleet.kills
 
     outcome, fleet = await _run(backend, tmp_path_factory, "crash", faults=faults)
     await _same(clean, outcome, fleet)

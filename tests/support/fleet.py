@@ -32,6 +32,9 @@ from tests.support.backends import Backend, free_port
 NAMES = ("profile", "loyalty", "churn", "notify")
 
 
+CHURN_HISTORY = ("first", "purchase_days", "spend", "touches", "complaints", "low_scores")
+
+
 @dataclass
 class Outcome:
     loyalty: dict[str, dict]  # customer -> the account's balances (see _ledger)
@@ -40,6 +43,7 @@ class Outcome:
     emails: Counter  # request id -> copies received by the SMTP server
     email_ids: dict[str, set[str]] = field(default_factory=dict)  # request id -> Message-IDs seen
     clocks: dict[str, str] = field(default_factory=dict)  # service -> its clock at the end
+    churn: dict[str, dict] = field(default_factory=dict)  # customer -> churn's history (CHURN_HISTORY)
     about: dict[str, str] = field(default_factory=dict)  # request id -> customer and subject (for messages)
     requests: dict[str, str] = field(default_factory=dict)  # care and retention requests made (id -> what)
     outcomes: dict[str, list[str]] = field(default_factory=dict)  # request id -> notify's outcomes
@@ -107,7 +111,7 @@ class Fleet:
             if time.monotonic() - last >= 1:
                 # Each service's clock over the run: read when a comparison fails.
                 last = time.monotonic()
-                clocks = dashboard.parse(dashboard.scrape(self.ports, timeout=0.5)).clock
+                clocks = dashboard.parse(dashboard.scrape(dict(self.ports), timeout=0.5)).clock  # retire() edits it
                 self.trace.append(
                     (
                         round(last - started),
@@ -200,9 +204,12 @@ class Fleet:
                     s.get("stage"),
                     json.dumps(s.get("consent"), sort_keys=True, default=str),
                 )
-            bands = {}
-            async for d in client[f"{prefix}churn"]["customers"].find({}, {"s.risk.band": 1}):
-                bands[d["_id"]] = ((d.get("s") or {}).get("risk") or {}).get("band")
+            bands, history = {}, {}
+            async for d in client[f"{prefix}churn"]["customers"].find({}, {"s": 1}):
+                st = d.get("s") or {}
+                bands[d["_id"]] = (st.get("risk") or {}).get("band")
+                # What the bands are computed from: every purchase and interaction counted once.
+                history[d["_id"]] = {k: st.get(k) for k in CHURN_HISTORY}
         finally:
             await client.close()
         emails: Counter = Counter()
@@ -220,7 +227,9 @@ class Fleet:
             sms[sent["request_id"]] += 1
             about[sent["request_id"]] = f"{sent['customer_id']} sms {sent['body'][:60]}"
         clocks = {s: datetime.fromtimestamp(t, UTC).isoformat() for s, t in self.snapshot().clock.items()}
-        return Outcome(loyalty, profile, bands, emails, email_ids=email_ids, clocks=clocks, about=about, sms=sms)
+        return Outcome(
+            loyalty, profile, bands, emails, email_ids=email_ids, clocks=clocks, about=about, sms=sms, churn=history
+        )
 
 
 def _ledger(state: dict | None) -> dict | None:
