@@ -49,7 +49,7 @@ stack-down: $(STAMP)
 	$(VENV)/bin/crm stack down
 
 bench: $(STAMP)
-	$(VENV)/bin/crm bench --json bench.json
+	$(VENV)/bin/crm bench --soak-seconds 600 --json bench.json
 
 clean:
 	-$(VENV)/bin/crm stack down

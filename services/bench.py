@@ -15,6 +15,8 @@ shared, noisy machine. Phases (each on its own topics, databases and Redis keys)
                       purchase to thank-you message (NotificationSent.latency_ms)
   full replay         the whole CDNOW master file at --speed max through all four services
                       (skipped with --quick)
+  soak                a fixed population buying at half the e2e rate for --soak-seconds (wall
+                      clock): RSS growth per service after the warm-up, lag over time
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ class Fleet:
         raise TimeoutError(f"{self.namespace}: did not settle in {limit_s:.0f}s")
 
     def rss_peak_mb(self) -> dict[str, float]:
+        return self._proc_status_mb("VmHWM:")
+
+    def rss_mb(self) -> dict[str, float]:
+        return self._proc_status_mb("VmRSS:")
+
+    def _proc_status_mb(self, field: str) -> dict[str, float]:
         out = {}
         for child in self.supervisor.children:
             try:
@@ -129,7 +137,7 @@ class Fleet:
             except (OSError, AttributeError):
                 continue
             for line in status.splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     out[child.name.removeprefix("bench-")] = round(int(line.split()[1]) / 1024, 1)
         return out
 
@@ -343,65 +351,172 @@ async def _sample_docs(mongo_url: str, ns: str) -> list[dict]:
         await client.close()
 
 
-async def latency(stack, state, rate: float, seconds: float, log) -> dict:
-    """New customers register and buy at `rate` shop events per second; purchase to thank-you message."""
-    from contracts.shop import (
-        CustomerRegistered,
-        CustomerRegisteredData,
-        PurchaseCompleted,
-        PurchaseCompletedData,
-        PurchaseLine,
+def _new_customer(cid: str, now: datetime):
+    from contracts.shop import CustomerRegistered, CustomerRegisteredData
+
+    return CustomerRegistered(
+        event_id=uuid.uuid4(),
+        occurred_at=now,
+        producer="bench",
+        customer_id=cid,
+        data=CustomerRegisteredData(
+            name="Bench Customer", email=f"{cid}@example.com", consents={"email": True, "sms": False}
+        ),
     )
 
+
+def _purchase(cid: str, now: datetime, order_id: str, total: str = "25.00"):
+    from contracts.shop import PurchaseCompleted, PurchaseCompletedData, PurchaseLine
+
+    return PurchaseCompleted(
+        event_id=uuid.uuid4(),
+        occurred_at=now,
+        producer="bench",
+        customer_id=cid,
+        data=PurchaseCompletedData(
+            order_id=order_id,
+            store_id="bench",
+            channel="online",
+            currency="USD",
+            total=Decimal(total),
+            lines=[PurchaseLine(sku="cd-1", category="rock", quantity=1, unit_price=Decimal(total))],
+        ),
+    )
+
+
+def _survey(cid: str, now: datetime, score: int):
+    from contracts.shop import InteractionRecorded, InteractionRecordedData
+
+    return InteractionRecorded(
+        event_id=uuid.uuid4(),
+        occurred_at=now,
+        producer="bench",
+        customer_id=cid,
+        data=InteractionRecordedData(kind="survey", channel="web", score=score),
+    )
+
+
+async def _offer(common, rate: float, seconds: float, make: Callable[[datetime], list], every=None) -> int:
+    """Publish what `make(now)` returns, paced at `rate` events per second, for `seconds`.
+    `every` (if given) is awaited about once a second with the elapsed seconds."""
+    from services.runtime.broker import KafkaPublisher
+
+    publisher = KafkaPublisher(common)
+    await publisher.start()
+    sent, started, ticked = 0, time.monotonic(), 0
+    try:
+        while (elapsed := time.monotonic() - started) < seconds:
+            events = make(datetime.now(UTC))
+            await publisher.send_many([(common.topic(e.TOPIC), e.key(), e.to_bytes(), ()) for e in events])
+            sent += len(events)
+            if every is not None and int(elapsed) > ticked:
+                ticked = int(elapsed)
+                await every(elapsed)
+            delay = started + sent / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+    finally:
+        await publisher.stop()
+    return sent
+
+
+async def latency(stack, state, rate: float, seconds: float, log) -> dict:
+    """New customers register and buy at `rate` shop events per second; purchase to thank-you message."""
     fleet = Fleet(stack, state, f"bench-lat-{uuid.uuid4().hex[:6]}", "wall")
     await fleet.start()
     try:
         common = fleet.common()
-        from services.runtime.broker import KafkaPublisher
 
-        publisher = KafkaPublisher(common)
-        await publisher.start()
-        sent, started = 0, time.monotonic()
-        try:
-            while time.monotonic() - started < seconds:
-                cid = f"bench-{uuid.uuid4().hex[:12]}"
-                now = datetime.now(UTC)
-                reg = CustomerRegistered(
-                    event_id=uuid.uuid4(),
-                    occurred_at=now,
-                    producer="bench",
-                    customer_id=cid,
-                    data=CustomerRegisteredData(
-                        name="Bench Customer", email=f"{cid}@example.com", consents={"email": True, "sms": False}
-                    ),
-                )
-                buy = PurchaseCompleted(
-                    event_id=uuid.uuid4(),
-                    occurred_at=now,
-                    producer="bench",
-                    customer_id=cid,
-                    data=PurchaseCompletedData(
-                        order_id=f"o-{cid}",
-                        store_id="bench",
-                        channel="online",
-                        currency="USD",
-                        total=Decimal("25.00"),
-                        lines=[PurchaseLine(sku="cd-1", category="rock", quantity=1, unit_price=Decimal("25.00"))],
-                    ),
-                )
-                await publisher.send_many([(common.topic(e.TOPIC), e.key(), e.to_bytes(), ()) for e in (reg, buy)])
-                sent += 2
-                delay = started + sent / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-        finally:
-            await publisher.stop()
+        def newcomer(now: datetime) -> list:
+            cid = f"bench-{uuid.uuid4().hex[:12]}"
+            return [_new_customer(cid, now), _purchase(cid, now, f"o-{cid}")]
+
+        sent = await _offer(common, rate, seconds, newcomer)
         await fleet.settle(1800)
         samples = await _latencies(common, "first_purchase_thanks")
         log(f"latency: {sent:,} events offered at {rate:.0f}/s for {seconds:.0f}s; {len(samples):,} thank-you messages")
         return {"offered_events_per_s": rate, "messages": len(samples), "samples_ms": samples}
     finally:
         fleet.stop()
+
+
+SOAK_CUSTOMERS = 2000
+SOAK_WARMUP_S = 60.0  # imports, connection pools and every customer's document cached: not growth
+SOAK_SAMPLE_S = 10.0
+
+
+async def soak(stack, state, rate: float, seconds: float, log) -> dict:
+    """A fixed population buys (90 %) and answers surveys (10 %) at `rate` events per second.
+
+    The population is fixed so that memory should level off: every customer's document is cached
+    after the warm-up, and what grows after it (beyond their dedup windows) is a leak. RSS (VmRSS)
+    and the lag summed over the services are sampled every 10 s.
+    """
+    import random
+
+    fleet = Fleet(stack, state, f"bench-soak-{uuid.uuid4().hex[:6]}", "wall")
+    await fleet.start()
+    try:
+        common = fleet.common()
+        rng = random.Random(7)
+        ids = [f"soak-{i:05d}" for i in range(SOAK_CUSTOMERS)]
+        now = datetime.now(UTC)
+        await _publish(common, [_new_customer(cid, now) for cid in ids])
+        await fleet.settle(600)
+        orders = iter(range(10**9))
+
+        def activity(now: datetime) -> list:
+            cid = rng.choice(ids)
+            if rng.random() < 0.9:
+                return [_purchase(cid, now, f"soak-{next(orders)}", f"{rng.randint(5, 120)}.00")]
+            return [_survey(cid, now, rng.randint(1, 5))]
+
+        samples: list[dict] = []
+
+        async def sample(elapsed: float) -> None:
+            if samples and elapsed - samples[-1]["t"] < SOAK_SAMPLE_S:
+                return
+            snap = await asyncio.to_thread(fleet.snapshot)
+            samples.append({"t": round(elapsed, 1), "rss_mb": fleet.rss_mb(), "lag": sum(snap.lag.values())})
+            if len(samples) % 6 == 0:
+                log(f"soak: {elapsed:.0f}s of {seconds:.0f}s, lag {samples[-1]['lag']}, RSS {samples[-1]['rss_mb']}")
+
+        sent = await _offer(common, rate, seconds, activity, every=sample)
+        await fleet.settle(1800)
+    finally:
+        fleet.stop()
+    return summarize_soak(samples, rate, seconds, sent)
+
+
+def summarize_soak(samples: list[dict], rate: float, seconds: float, sent: int) -> dict:
+    """RSS growth per service from the first sample after the warm-up to the last; lag over time.
+
+    Lag counts as bounded when the second half's peak is no higher than the first half's plus five
+    seconds of offered load: a consumer falling behind shows a lag that keeps climbing.
+    """
+    after = [s for s in samples if s["t"] >= SOAK_WARMUP_S] or samples
+    first, last = after[0], after[-1]
+    growth = {
+        name: round(100 * (last["rss_mb"][name] - mb) / mb, 1)
+        for name, mb in first["rss_mb"].items()
+        if name in last["rss_mb"] and mb
+    }
+    half = [s["lag"] for s in samples if s["t"] < seconds / 2] or [0]
+    second = [s["lag"] for s in samples if s["t"] >= seconds / 2] or [0]
+    return {
+        "seconds": seconds,
+        "offered_events_per_s": round(rate, 1),
+        "events": sent,
+        "rss_mb_after_warmup": first["rss_mb"],
+        "rss_mb_end": last["rss_mb"],
+        "rss_growth_percent": growth,
+        "rss_growth_under_10_percent": all(g < 10 for g in growth.values()),
+        "lag_max_first_half": max(half),
+        "lag_max_second_half": max(second),
+        "lag_end": samples[-1]["lag"] if samples else None,
+        "lag_bounded": max(second) <= max(half) + 5 * rate,
+        "samples": samples,
+    }
 
 
 async def read_events(bootstrap: str, topic: str) -> list[dict]:
@@ -452,7 +567,7 @@ def _percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=print) -> dict:
+def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=print, soak_s: float = 0.0) -> dict:
     """Start a stack of its own (var/bench/, free ports), measure, stop it."""
     var = Path(os.environ.get("CRM_BENCH_VAR_DIR", "var/bench"))
     stack = Stack(
@@ -469,12 +584,14 @@ def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=pr
     stack.down()  # what an interrupted bench left behind in var/bench (its own servers only)
     state = stack.up()
     try:
-        return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log))
+        return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log, soak_s))
     finally:
         stack.down()
 
 
-async def _measure(stack, state, customers: int, naive_events: int, latency_s: float, quick: bool, log) -> dict:
+async def _measure(
+    stack, state, customers: int, naive_events: int, latency_s: float, quick: bool, log, soak_s: float
+) -> dict:
     events = _shop_events(customers)
     log(f"workload: the first {customers:,} CDNOW customers, {len(events):,} shop events")
     passthrough = await kafka_passthrough(state.kafka_bootstrap, events, log)
@@ -483,6 +600,7 @@ async def _measure(stack, state, customers: int, naive_events: int, latency_s: f
     naive_rate = await naive(state, events[:naive_events], log)
     lat = await latency(stack, state, run_e2e["events_per_s"] / 2, latency_s, log)
     replay_s = None if quick else await full_replay(stack, state, log)
+    soaked = await soak(stack, state, run_e2e["events_per_s"] / 2, soak_s, log) if soak_s > 0 else None
     purchases = sum(1 for e in events if e.type == "PurchaseCompleted")
     writes_per_event = {s: run_e2e["writes"][s] / max(run_e2e["consumed"].get(s, 0), 1) for s in SERVICES}
     # W: store writes per shop event across the services (notify's counted against the shop events
@@ -506,6 +624,7 @@ async def _measure(stack, state, customers: int, naive_events: int, latency_s: f
         "store_writes_per_shop_event_W": round(w, 3),
         "rss_mb_peak": run_e2e["rss_mb_peak"],
         "cdnow_replay_seconds": None if replay_s is None else round(replay_s, 1),
+        "soak": soaked,
         "ratios": {
             "e2e_over_naive": round(e2e_rate / naive_rate, 2),
             "e2e_times_W_over_store_ceiling": round(e2e_rate * w / ceiling, 3),

@@ -505,13 +505,26 @@ def _churn_backtest(args: argparse.Namespace, purchases) -> int:
     return 0
 
 
+def _soak_seconds(text: str) -> float:
+    """0 (no soak) or long enough for RSS and lag samples (one every 10 s)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value != 0 and value < 10:
+        raise argparse.ArgumentTypeError(f"{text}: use 0 (no soak) or at least 10 seconds")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from services import bench
 
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    result = bench.run(args.customers, args.naive_events, args.latency_seconds, args.quick, log=log)
+    result = bench.run(
+        args.customers, args.naive_events, args.latency_seconds, args.quick, log=log, soak_s=args.soak_seconds
+    )
     text = json.dumps(result, indent=2) + "\n"
     if args.json:
         Path(args.json).write_text(text)
@@ -554,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-events", type=_positive_int, default=3000, help="events through the naive baseline")
     p.add_argument("--latency-seconds", type=float, default=30.0, help="how long load is offered for latency")
     p.add_argument("--quick", action="store_true", help="skip the full CDNOW master replay (cdnow_replay_seconds)")
+    p.add_argument(
+        "--soak-seconds",
+        type=_soak_seconds,
+        default=0.0,
+        metavar="S",
+        help="also offer half the measured capacity for S seconds and report RSS growth and lag (make bench: 600)",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("dlq", help="list or replay dead letters of a topic")

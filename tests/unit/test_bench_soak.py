@@ -1,0 +1,41 @@
+"""The soak's verdicts: RSS growth measured after the warm-up, lag bounded unless it keeps climbing."""
+
+import argparse
+
+import pytest
+
+from services.bench import summarize_soak
+from services.cli import _soak_seconds
+
+
+def samples(rss, lags):
+    return [
+        {"t": 10.0 * i, "rss_mb": {"profile": r}, "lag": lag} for i, (r, lag) in enumerate(zip(rss, lags, strict=True))
+    ]
+
+
+def test_growth_counts_from_the_first_sample_after_the_warm_up():
+    # 0..50 s: warm-up (from 80 to 100 MB is not growth); 60 s on: 100 -> 105 MB.
+    s = summarize_soak(samples([80, 90, 95, 98, 99, 100, 100, 102, 103, 105], [0] * 10), 50.0, 100, 5000)
+    assert s["rss_mb_after_warmup"] == {"profile": 100}
+    assert s["rss_growth_percent"] == {"profile": 5.0}
+    assert s["rss_growth_under_10_percent"]
+
+
+def test_a_leak_and_a_climbing_lag_are_reported():
+    s = summarize_soak(
+        samples([100] * 6 + [110, 120, 130, 140], [10, 20, 10, 30, 20, 100, 400, 800, 1200, 1600]), 50.0, 100, 5000
+    )
+    assert s["rss_growth_percent"] == {"profile": 27.3}  # from 110 MB at 60 s to 140 MB
+    assert not s["rss_growth_under_10_percent"]
+    assert (s["lag_max_first_half"], s["lag_max_second_half"]) == (30, 1600)
+    assert not s["lag_bounded"]
+    steady = summarize_soak(samples([100] * 10, [10, 40, 10, 30, 20, 100, 40, 80, 120, 60]), 50.0, 100, 5000)
+    assert steady["lag_bounded"]  # 120 <= 30 + 5 s x 50 events/s
+
+
+def test_soak_seconds_are_zero_or_enough_for_samples():
+    assert _soak_seconds("0") == 0 and _soak_seconds("600") == 600
+    for bad in ("3", "-5", "ten"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _soak_seconds(bad)
