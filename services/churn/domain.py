@@ -14,6 +14,7 @@ customer then. Between checks nothing is computed or written.
 from __future__ import annotations
 
 import pickle
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -34,7 +35,7 @@ from contracts.crm import (
     TierChanged,
 )
 from contracts.shop import CustomerErasureRequested, InteractionRecorded, PurchaseCompleted
-from services.churn.assess import AT_RISK, Assessment, Assessor, BandRules, assess
+from services.churn.assess import AT_RISK, Assessment, Assessor, BandRules
 from services.churn.model import RiskModel
 from services.churn.signals import ISSUE_DAYS, History
 
@@ -91,9 +92,11 @@ def history(st: dict[str, Any]) -> History:
 
 # Due points walked by one catch-up (band changes and ladder steps; about two a month at most).
 CATCH_UP_STEPS = 64
-# Remembered next band changes; cleared when full. About 1.8 KB each with the history's Assessor
-# (16,000 of them held 28 MB after 50,000 soak-like events): memory a soak sees grow.
-BAND_CHANGE_MEMO = 50_000
+# Remembered next band changes, by a 64-bit hash of what they depend on (about 150 bytes each;
+# keeping the keys themselves and an Assessor per history held 28 MB for 16,000 of them in a soak).
+# Cleared when full. Assessors are kept only for the few histories walked last.
+BAND_CHANGE_MEMO = 200_000
+ASSESSORS_KEPT = 64
 
 
 def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
@@ -130,8 +133,8 @@ class ChurnDomain:
     ERASING = (CustomerErasureRequested, CustomerErased)
 
     def __init__(self, model: RiskModel, bands: BandRules | None = None, ladder: LadderRules | None = None):
-        self._band_changes: dict[tuple, datetime | None] = {}
-        self._assessors: dict[tuple, Assessor] = {}  # by history: the baseline is computed once
+        self._band_changes: dict[int, datetime | None] = {}
+        self._assessors: OrderedDict[tuple, Assessor] = OrderedDict()  # by history: the baseline once
         self.model = model
         self.bands = bands or BandRules()
         self.ladder = ladder or LadderRules()
@@ -144,7 +147,7 @@ class ChurnDomain:
     def model(self, model: RiskModel) -> None:
         # Remembered band changes were found with the old model's scores.
         self._model = model
-        self._band_changes, self._assessors = {}, {}
+        self._band_changes, self._assessors = {}, OrderedDict()
 
     # --- events -------------------------------------------------------------------------------
     # Events are applied in event-time order, once the clock (the low watermark of every input
@@ -296,7 +299,18 @@ class ChurnDomain:
 
     def _assessment(self, st: dict[str, Any], now: datetime) -> Assessment:
         previous = st["risk"]["band"] if st["risk"] else None
-        return assess(self.model, history(st), _day(now), previous, self.bands)
+        return self._assessor(st, _history_key(st)).assess(_day(now), previous)
+
+    def _assessor(self, st: dict[str, Any], hkey: tuple) -> Assessor:
+        """One per history, kept for the few walked last: its baseline costs a full assessment."""
+        assessor = self._assessors.get(hkey)
+        if assessor is None:
+            assessor = self._assessors[hkey] = Assessor(self.model, history(st), self.bands)
+            if len(self._assessors) > ASSESSORS_KEPT:
+                self._assessors.popitem(last=False)
+        else:
+            self._assessors.move_to_end(hkey)
+        return assessor
 
     def _changes(self, st: dict[str, Any], a: Assessment, now: datetime) -> bool:
         if st["risk"] is None or a.band != st["risk"]["band"]:
@@ -401,23 +415,22 @@ class ChurnDomain:
     def _next_band_change(self, st: dict[str, Any], start: date) -> datetime | None:
         """The first day after `start` on which the band would differ if nothing happened (at most 60 days on).
 
-        Remembered by content: the same state is asked again by the runtime after every change and
-        by the next event's catch-up, and each answer costs a dozen assessments.
+        Remembered by content: the same state is asked again by the runtime after every change, by
+        the next event's catch-up and by the sweep, and each answer costs a dozen assessments. The
+        key is a hash (a collision between two of a process's states is about 1 in 10^19).
         """
-        key = (st["risk"]["band"], start, _history_key(st))
+        hkey = _history_key(st)
+        key = hash((st["risk"]["band"], start, hkey))
         if key in self._band_changes:
             return self._band_changes[key]
         if len(self._band_changes) >= BAND_CHANGE_MEMO:
             self._band_changes.clear()
-            self._assessors.clear()
-        at = self._band_changes[key] = self._probe_band_change(st, start, key[2])
+        at = self._band_changes[key] = self._probe_band_change(st, start, hkey)
         return at
 
     def _probe_band_change(self, st: dict[str, Any], start: date, hkey: tuple) -> datetime | None:
         band = st["risk"]["band"]
-        assessor = self._assessors.get(hkey)
-        if assessor is None:
-            assessor = self._assessors[hkey] = Assessor(self.model, history(st), self.bands)
+        assessor = self._assessor(st, hkey)
 
         def differs(days: int) -> bool:
             return assessor.band(start + timedelta(days=days), band) != band

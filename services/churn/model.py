@@ -18,6 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -85,7 +86,19 @@ class RiskModel:
         }
 
     def score(self, s: Signals) -> float:
-        return float(expit(self.intercept + sum(self.logit_terms(s).values())))
+        # The same sum as logit_terms, term by term, without building the dict: a band search
+        # scores a dozen days per customer. 1/(1+e^-z) is what expit computes, to the bit.
+        total = 0.0
+        for f, w, m, sc in self._terms:
+            total += w * (f(s) - m) / sc
+        z = self.intercept + total
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else float(expit(z))  # math.exp would overflow
+
+    @cached_property
+    def _terms(self) -> tuple[tuple[Callable[[Signals], float], float, float, float], ...]:
+        return tuple(
+            (FEATURES[n], w, m, sc) for n, w, m, sc in zip(NAMES, self.weights, self.mean, self.scale, strict=True)
+        )
 
     def signals(self, h: History, today: date) -> Signals:
         return compute(h, today, self.params, self.typical_gap_days)
