@@ -149,6 +149,11 @@ class ChurnDomain:
         self._model = model
         self._band_changes, self._assessors = {}, OrderedDict()
 
+    def wants(self, event: Event) -> bool:
+        # Churn reads crm.profile and crm.loyalty for two event types of many: the others would each
+        # cost a dedup entry and a document write that changes nothing.
+        return isinstance(event, ORDERED + self.ERASING)
+
     # --- events -------------------------------------------------------------------------------
     # Events are applied in event-time order, once the clock (the low watermark of every input
     # partition under event time) has passed them; until then they wait in the state (`held`).

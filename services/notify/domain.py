@@ -113,11 +113,17 @@ def _ts(s: str | None) -> datetime | None:
 
 class NotifyDomain:
     ERASING = (CustomerErased,)
+    WANTED = (ProfileUpdated, CustomerErased, CareRequested, RetentionRequested)
 
     def __init__(self, rules: NotifyRules | None = None):
         self.rules = rules or NotifyRules()
 
     # -- events ---------------------------------------------------------------
+    def wants(self, event: Event) -> bool:
+        # Segment and stage changes share crm.profile, account-manager tasks crm.retention: nothing
+        # to send, so no dedup entry and no write either.
+        return isinstance(event, self.WANTED)
+
     def apply(self, state, event: Event, now: datetime):
         if isinstance(event, ProfileUpdated):
             st = _copy(state)
