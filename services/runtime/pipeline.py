@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -112,6 +112,8 @@ class Pipeline:
         # Held by whoever changes state: the subscriber (across a batch and its offset commit)
         # and time-driven sweeps. Both touch the same cached docs; a rebalance waits for it.
         self.lock = asyncio.Lock()
+        # Run at the start of every batch, under `lock` (the host warms its cache after an assignment).
+        self.before_batch: Callable[[], Awaitable[None]] | None = None
         self.last_offsets: dict[tuple[str, int], int] = {}  # newest offset handled per partition
         self._due = getattr(domain, "due", None)
         self._erasing = tuple(getattr(domain, "ERASING", ()))
@@ -124,6 +126,8 @@ class Pipeline:
         """Process one batch. The caller holds `self.lock`."""
         started = time.perf_counter()
         await self.seed_clock()
+        if self.before_batch is not None:
+            await self.before_batch()
         result = BatchResult(consumed=len(records))
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
         newest: dict[tuple[str, int], datetime] = {}

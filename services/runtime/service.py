@@ -26,7 +26,7 @@ from services.runtime.kafka import ensure_topics
 from services.runtime.metrics import LagCollector, PipelineMetrics
 from services.runtime.pipeline import Domain, Pipeline
 from services.runtime.settings import CommonSettings, ServiceSettings
-from services.runtime.statestore import ClockMarks, Codec, StateStore
+from services.runtime.statestore import ClockMarks, Codec, StateStore, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ class ServiceHost:
         self._started = False
         self._failing = False
         self._stop = asyncio.Event()
+        self._warm_needed = False  # set by an assignment; the next batch or sweep fills the cache
+        self.pipeline.before_batch = self._warm_cache
 
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
@@ -159,6 +161,7 @@ class ServiceHost:
 
     def _on_assign(self) -> None:
         self.store.schedule.stale = True
+        self._warm_needed = True
         forget = getattr(self.clock, "forget_sources", None)
         if forget is not None:
             forget()
@@ -168,6 +171,27 @@ class ServiceHost:
             assigned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
             expect(assigned)
             self.pipeline.clock_to_seed = assigned
+
+    async def _warm_cache(self) -> None:
+        """After an assignment, cache the owned customers' documents in one scan. Caller holds the pipeline lock."""
+        if not self._warm_needed or not self.owned_partitions():
+            return
+        epoch, started = self.assignment_epoch, time.monotonic()
+        n = await with_backoff(
+            lambda: self.store.warm(self.owns),
+            attempts=self.common.retry_attempts,
+            base_delay=self.common.retry_base_delay_s,
+            what="cache warm-up",
+        )
+        if self.assignment_epoch != epoch:
+            # Revoked meanwhile (a rebalance that outwaited the lock): what was read may not be ours.
+            self.store.complete = False
+            return
+        self._warm_needed = False
+        if n is None:
+            log.info("cache warm-up: the owned documents exceed the cache; customers are read when needed")
+        else:
+            log.info("cache warm-up: %d documents in %.2fs", n, time.monotonic() - started)
 
     def partition_of(self, customer_id: str) -> int | None:
         """The partition the producer's partitioner puts this customer in (None before metadata).
@@ -203,6 +227,7 @@ class ServiceHost:
             while True:
                 async with self.pipeline.lock:
                     await self.pipeline.seed_clock()
+                    await self._warm_cache()
                     if store.schedule.stale:
                         n = await store.rebuild_schedule(self.owns)
                         log.info("schedule rebuilt: %d customers owned", n)

@@ -39,7 +39,16 @@ import uuid
 
 import pytest
 
-from tests.support.fleet import NAMES, Fleet, Outcome, ensure_topics, replay, requests_and_outcomes, wait_settled
+from tests.support.fleet import (
+    NAMES,
+    Fleet,
+    Outcome,
+    churn_story,
+    ensure_topics,
+    replay,
+    requests_and_outcomes,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +111,11 @@ async def _same(clean: Outcome, other: Outcome, fleet: Fleet) -> None:
     assert not missing and not extra and not moved, f"missing: {missing[:8]}; extra: {extra[:8]}; moved: {moved[:8]}"
     gone = sorted(clean.requests[r] for r in lost)
     print(f"\n{fleet.namespace}: churn retention requests of the clean run missing here: {gone}")
+    bootstrap = fleet.common_env["CRM_KAFKA_BOOTSTRAP"]
+    for cid in sorted({what.split()[0] for what in gone}):
+        # For the known limit's investigation: both runs' churn output for the customer, side by side.
+        print(f"{cid} in the clean run:", *await churn_story(bootstrap, clean.namespace, cid), sep="\n  ")
+        print(f"{cid} here (logs in {fleet.var}):", *await churn_story(bootstrap, fleet.namespace, cid), sep="\n  ")
     # Notify settled every request once: sent at most once, and sent or suppressed (with a reason)
     # exactly when the clean run did, but for one thing: a request with a deadline (a birthday
     # greeting is for its day) that the outage delayed past it is not sent. Delays are allowed.

@@ -191,3 +191,37 @@ async def test_store_outage_is_retried_not_dead_lettered_and_readiness_follows_i
 async def _not_ready(host):
     ready, detail = host.readiness()
     return detail if not ready and detail["failing"] else None
+
+
+async def test_a_warmed_cache_holds_every_owned_customer_and_reads_misses_again_once_incomplete(common):
+    from services.runtime.statestore import StateStore
+
+    client = AsyncMongoClient(common.mongo_url, tz_aware=True)
+    coll = client[f"{common.db_prefix}warm"]["customers"]
+
+    def stored(cid: str, n: int) -> dict:
+        return {"_id": cid, "s": {"n": n}, "seen": ["e0"], "outbox": [], "due": None, "rev": 1}
+
+    try:
+        await coll.insert_many([stored("a1", 1), stored("a2", 2), stored("b1", 3)])
+        store = StateStore(coll, cache_size=3)
+        assert await store.warm(lambda cid: cid.startswith("a")) == 2  # b1 belongs to another consumer
+        assert store.complete and set(store.cache) == {"a1", "a2"}
+        # Nothing else writes an owned customer, so a miss is a new customer: not read. (Written here
+        # behind the cache's back only to show that no read happens.)
+        await coll.insert_one(stored("a3", 9))
+        docs = await store.load(["a1", "a3"])
+        assert docs["a1"].state == {"n": 1} and docs["a1"].has_seen("e0")
+        assert docs["a3"].state is None
+        # A full cache evicts, and the evicted document is in the store only: misses are read again.
+        await store.load(["a4"])
+        assert len(store.cache) == 3 and not store.complete
+        store.drop_cache()
+        assert (await store.load(["a3"]))["a3"].state == {"n": 9}
+        # More owned documents than the cache holds: no warm-up, reads as before.
+        small = StateStore(coll, cache_size=2)
+        assert await small.warm(lambda cid: True) is None and not small.complete
+        assert (await small.load(["b1"]))["b1"].state == {"n": 3}
+    finally:
+        await client.drop_database(f"{common.db_prefix}warm")
+        await client.close()

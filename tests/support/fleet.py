@@ -47,6 +47,7 @@ class Outcome:
     about: dict[str, str] = field(default_factory=dict)  # request id -> customer and subject (for messages)
     requests: dict[str, str] = field(default_factory=dict)  # care and retention requests made (id -> what)
     outcomes: dict[str, list[str]] = field(default_factory=dict)  # request id -> notify's outcomes
+    namespace: str = ""  # the run's topic prefix (to read its topics again when a comparison fails)
     sms: Counter = field(default_factory=Counter)  # request id -> lines at the gateway (it dedups by idempotency key)
 
     @property
@@ -228,7 +229,16 @@ class Fleet:
             about[sent["request_id"]] = f"{sent['customer_id']} sms {sent['body'][:60]}"
         clocks = {s: datetime.fromtimestamp(t, UTC).isoformat() for s, t in self.snapshot().clock.items()}
         return Outcome(
-            loyalty, profile, bands, emails, email_ids=email_ids, clocks=clocks, about=about, sms=sms, churn=history
+            loyalty,
+            profile,
+            bands,
+            emails,
+            email_ids=email_ids,
+            clocks=clocks,
+            about=about,
+            sms=sms,
+            churn=history,
+            namespace=self.namespace,
         )
 
 
@@ -260,6 +270,18 @@ def _ledger(state: dict | None) -> dict | None:
 async def read_topic(fleet: Fleet, topic: str) -> list[dict]:
     """Every event on one of the fleet's topics, from the beginning."""
     return await read_events(fleet.common_env["CRM_KAFKA_BOOTSTRAP"], f"{fleet.namespace}.{topic}")
+
+
+async def churn_story(bootstrap: str, namespace: str, customer_id: str) -> list[str]:
+    """What churn published about one customer, in order: band changes, retention steps, win-backs."""
+    out = []
+    for topic in ("crm.churn", "crm.retention"):
+        for e in await read_events(bootstrap, f"{namespace}.{topic}"):
+            if e["customer_id"] == customer_id:
+                d = e["data"]
+                what = f"{d.get('from_band')}->{d.get('to_band')}" if "to_band" in d else d.get("kind") or ""
+                out.append(f"{e['occurred_at']} {e['type']} {what} {e['event_id'][:8]}")
+    return sorted(out)
 
 
 async def requests_and_outcomes(fleet: Fleet) -> tuple[dict[str, str], dict[str, list[str]]]:
