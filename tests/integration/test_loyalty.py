@@ -38,6 +38,10 @@ class Running(RunningService):
         return r.json() if r.status_code == 200 else {}
 
     async def caught_up(self) -> bool:
+        if self.host.pipeline.lock.locked():
+            # A batch or a sweep is running: a sweep pops its customers from the schedule before it
+            # writes them, so the schedule alone would say "nothing due" while their writes are on the way.
+            return False
         lag = await consumer_lag(self.host.subscriber)
         nxt = self.host.store.schedule.next_due()
         return bool(lag) and all(n == 0 for _, _, n in lag) and (nxt is None or nxt > self.host.clock.now())
