@@ -35,6 +35,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
+from contracts import watermark as wm
 from services.stack import dashboard
 from services.stack.secrets import fresh
 from services.stack.servers import Stack, StackSettings
@@ -555,7 +556,7 @@ async def read_events(bootstrap: str, topic: str, limit_s: float = 300.0) -> lis
                 raise TimeoutError(f"{topic}: not read to its end in {limit_s:.0f}s")
             batch = await consumer.getmany(*tps, timeout_ms=1000)
             for records in batch.values():
-                out.extend(json.loads(r.value) for r in records)
+                out.extend(json.loads(r.value) for r in records if not wm.is_watermark(r.headers))
     finally:
         await consumer.stop()
     return out
@@ -573,10 +574,14 @@ async def full_replay(stack, state, log) -> float:
     fleet = Fleet(stack, state, f"bench-full-{uuid.uuid4().hex[:6]}", "event")
     await fleet.start()
     try:
-        events = _shop_events(None)
+        from services.replay.cdnow import events, read_master
+        from services.replay.player import play
+
+        stream = list(events(read_master()))
         started = time.monotonic()
-        await _publish(fleet.common(), events)
-        log(f"full replay: {len(events):,} events published in {time.monotonic() - started:.0f}s; waiting")
+        # As `crm up --replay cdnow --speed max` plays it: day by day, with the shop topics' watermarks.
+        sent = await play(fleet.common(), stream, seconds_per_day=None)
+        log(f"full replay: {sent:,} events published in {time.monotonic() - started:.0f}s; waiting")
         await fleet.settle(7200, quiet_s=10)
         seconds = time.monotonic() - started
         log(f"full replay: every service caught up after {seconds:.0f}s")

@@ -179,7 +179,9 @@ class ChurnDomain:
         if not st.get("held") and event.occurred_at <= now:
             return st, self._handle(st, event)  # the common case: nothing waits, nothing to order
         _hold(st, event)
-        return st, self._release(st, event.customer_id, now)
+        # Not past the event itself: later events of this batch may still come for this customer
+        # (a batch is applied in time order); the sweep releases the rest.
+        return st, self._release(st, event.customer_id, min(now, event.occurred_at))
 
     def _handle(self, st: dict[str, Any], event: Event) -> list[Event]:
         """Apply one event to `st` (a copy), after the time-driven work that fell due before it."""

@@ -184,7 +184,8 @@ def events(purchases: list[CdnowPurchase], extras: bool = True) -> Iterator[tupl
         stream.append((p.day, len(stream), purchase))
         if extras:
             stream.extend((e.occurred_at.date(), len(stream) + i, e) for i, e in enumerate(interactions(p, purchase)))
-    stream.sort(key=lambda x: (x[0], x[1]))
+    # Within a day by time too: the player promises time order on every partition (watermarks).
+    stream.sort(key=lambda x: (x[0], x[2].occurred_at, x[1]))
     for day, _, event in stream:
         yield day, event
 

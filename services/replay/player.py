@@ -7,12 +7,14 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import date
 
-from contracts import Event
+from contracts import Event, topics
+from contracts import watermark as wm
 from services.runtime.broker import KafkaPublisher
 from services.runtime.settings import CommonSettings
 
 # Flushed together; a few hundred keeps memory flat and the broker busy.
 CHUNK = 500
+PRODUCER = "cdnow-replay"
 
 
 async def play(
@@ -23,7 +25,13 @@ async def play(
     progress: Callable[[date, int], None] = lambda _d, _n: None,
     stop: asyncio.Event | None = None,
 ) -> int:
-    """Publish every event; with `seconds_per_day` None, as fast as the broker takes them."""
+    """Publish every event; with `seconds_per_day` None, as fast as the broker takes them.
+
+    The stream must be in event-time order. Before each day and at the end, every partition of the
+    shop topics gets a watermark (contracts/watermark.py): the services' event clocks may then pass
+    what was sent, and only that.
+    """
+    shop_topics = [settings.topic(t) for t in (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)]
     publisher = KafkaPublisher(settings)
     await publisher.start()
     sent = 0
@@ -31,6 +39,11 @@ async def play(
     started = time.monotonic()
     pending: list[tuple[str, bytes, bytes, tuple]] = []
     current: date | None = None
+    newest = None
+
+    async def watermark(when) -> None:
+        await publisher.send_to_every_partition(shop_topics, wm.encode(when, PRODUCER), wm.HEADERS)
+
     try:
         for day, event in stream:
             if stop is not None and stop.is_set():
@@ -41,6 +54,8 @@ async def play(
                     sent += len(pending)
                     pending = []
                     progress(current, sent)
+                # Everything before this day's first event is sent (and acknowledged).
+                await watermark(event.occurred_at)
                 current = day
                 first_day = first_day or day
                 if seconds_per_day:
@@ -48,6 +63,9 @@ async def play(
                     delay = due - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
+            if newest is not None and event.occurred_at < newest:
+                raise ValueError(f"replay stream out of time order: {event.occurred_at} after {newest}")
+            newest = event.occurred_at
             pending.append((settings.topic(event.TOPIC), event.key(), event.to_bytes(), ()))
             if len(pending) >= CHUNK:
                 await publisher.send_many(pending)
@@ -57,6 +75,8 @@ async def play(
             await publisher.send_many(pending)
             sent += len(pending)
             progress(current, sent)
+        if newest is not None and not (stop is not None and stop.is_set()):
+            await watermark(newest)
     finally:
         await publisher.stop()
     return sent

@@ -65,6 +65,14 @@ class KafkaPublisher:
         ]
         await asyncio.gather(*futures)
 
+    async def send_to_every_partition(self, topics: Sequence[str], value: bytes, headers: tuple) -> None:
+        """One unkeyed copy of the message on every partition of each topic (a watermark, say)."""
+        futures = []
+        for topic in topics:
+            for p in sorted(await self.producer.partitions_for(topic)):
+                futures.append(await self.producer.send(topic, value, partition=p, headers=list(headers)))
+        await asyncio.gather(*futures)
+
 
 def make_broker(settings: CommonSettings, service: str, registry: CollectorRegistry) -> KafkaBroker:
     opts = client_options(settings)

@@ -20,6 +20,8 @@ class Clock(Protocol):
 
     def observe(self, event_time: datetime, source: object = None) -> None: ...
 
+    def watermark(self, when: datetime, source: object = None) -> None: ...
+
 
 class WallClock:
     def now(self) -> datetime:
@@ -27,6 +29,9 @@ class WallClock:
 
     def observe(self, event_time: datetime, source: object = None) -> None:
         """Wall time ignores events."""
+
+    def watermark(self, when: datetime, source: object = None) -> None:
+        """And watermarks."""
 
 
 class EventClock:
@@ -40,6 +45,11 @@ class EventClock:
     before purchases do. Without that callback, a source silent for `idle_s`
     wall seconds counts as caught up. When every source is caught up, time is
     the newest event seen. Now never goes back while the assignment holds (see `forget_sources`).
+
+    A source whose producer sends watermarks (contracts/watermark.py: a replay does) is judged by
+    them instead: it holds time at its watermark, or at its newest event if that is later (the
+    producer promises time order), and never counts as caught up. Reading a partition to its end
+    tells nothing about what its producer is writing meanwhile; the watermark does.
     """
 
     def __init__(self, start: datetime = EPOCH, idle_s: float = 5.0, monotonic=time.monotonic):
@@ -52,6 +62,7 @@ class EventClock:
         # (a partition read later than its siblings must not find its events already in the past).
         self._expected: set[object] = set()
         self._steady: dict[object, bool] | None = None
+        self._watermarks: dict[object, datetime] = {}
 
     def expect_sources(self, sources: set[object]) -> None:
         self._expected = set(sources)
@@ -85,22 +96,39 @@ class EventClock:
         return seen >= cutoff
 
     def now(self) -> datetime:
+        marks = self._watermarks
         if self.caught_up is not None and any(
-            src not in self._newest and not self._is_caught_up(src) for src in self._expected
+            src not in self._newest and src not in marks and not self._is_caught_up(src) for src in self._expected
         ):
             return self._now
-        if self._newest:
+        if self._newest or marks:
             cutoff = self._monotonic() - self.idle_s
-            behind = [t for src, (t, seen) in self._newest.items() if self._holds_back(src, seen, cutoff)]
+            behind = [
+                t for src, (t, seen) in self._newest.items() if src not in marks and self._holds_back(src, seen, cutoff)
+            ]
+            for src, w in marks.items():
+                seen = self._newest.get(src)
+                behind.append(w if seen is None or seen[0] < w else seen[0])
             low = min(behind) if behind else max(t for t, _ in self._newest.values())
             if low > self._now:
                 self._now = low
         return self._now
 
+    def watermark(self, when: datetime, source: object = None) -> None:
+        """The source's producer promises nothing older than `when` from here on."""
+        prev = self._watermarks.get(source)
+        if prev is None or when > prev:
+            self._watermarks[source] = when
+
     def observe(self, event_time: datetime, source: object = None) -> None:
         prev = self._newest.get(source)
         newest = event_time if prev is None or event_time > prev[0] else prev[0]
         self._newest[source] = (newest, self._monotonic())
+
+    def position(self, source: object) -> tuple[datetime | None, datetime | None]:
+        """(newest event time, watermark) read from the source, for its clock mark."""
+        seen = self._newest.get(source)
+        return (seen[0] if seen else None), self._watermarks.get(source)
 
     def forget_sources(self) -> None:
         """After a rebalance: partitions no longer owned must not hold the watermark back, and time
@@ -111,6 +139,7 @@ class EventClock:
         to a day their events have not reached yet (a won-back purchase would come after the offer).
         """
         self._newest.clear()
+        self._watermarks.clear()
         self._expected.clear()
         self._now = self._start
 

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from contracts import Event, InvalidMessage, Registry
+from contracts import watermark as wm
 from contracts.topics import dlq
 from services.runtime.clock import Clock, steady
 from services.runtime.logs import customer_id_var, event_id_var
@@ -131,10 +132,20 @@ class Pipeline:
         result = BatchResult(consumed=len(records))
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
         newest: dict[tuple[str, int], datetime] = {}
+        marks: dict[tuple[str, int], datetime] = {}
         for rec in records:
             src = (rec.topic, rec.partition)
             if rec.offset > self.last_offsets.get(src, -1):
                 self.last_offsets[src] = rec.offset
+            if rec.headers and wm.is_watermark(rec.headers):
+                try:
+                    when = wm.decode(rec.value)
+                except InvalidMessage as exc:
+                    result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
+                    continue
+                if src not in marks or when > marks[src]:
+                    marks[src] = when
+                continue
             try:
                 event = self.registries.get(rec.topic, self.registry).parse(rec.value, rec.key)
             except InvalidMessage as exc:
@@ -149,6 +160,10 @@ class Pipeline:
             if result.newest_event_time is None or event.occurred_at > result.newest_event_time:
                 result.newest_event_time = event.occurred_at
 
+        # A watermark speaks for what follows it on its partition, so the batch's last ones already
+        # hold for everything after the batch: every event older than the clock is in hand.
+        for src, when in marks.items():
+            self.clock.watermark(when, src)
         docs = await with_backoff(
             lambda: self.store.load(by_customer.keys()),
             attempts=self.retry_attempts,
@@ -182,9 +197,10 @@ class Pipeline:
             base_delay=self.retry_base_delay_s,
             what="store write",
         )
-        if self.clock_marks is not None and newest:
-            marks = self.clock_marks
-            await with_backoff(lambda: marks.save(newest), attempts=self.retry_attempts,
+        if self.clock_marks is not None and (newest or marks):
+            store, position = self.clock_marks, self.clock.position  # type: ignore[attr-defined]
+            positions = {src: position(src) for src in newest.keys() | marks.keys()}
+            await with_backoff(lambda: store.save(positions), attempts=self.retry_attempts,
                                base_delay=self.retry_base_delay_s, what="clock marks write")  # fmt: skip
         if self.failpoint == "after_store_write" and result.docs_written:
             # Fault injection for the crash tests: die exactly between write and publish.
@@ -230,8 +246,11 @@ class Pipeline:
         sources = sorted(self.clock_to_seed)
         found = await with_backoff(lambda: marks.load(sources), attempts=self.retry_attempts,
                                    base_delay=self.retry_base_delay_s, what="clock marks read")  # fmt: skip
-        for src, when in found.items():
-            self.clock.observe(when, src)
+        for src, (when, mark) in found.items():
+            if when is not None:
+                self.clock.observe(when, src)
+            if mark is not None:
+                self.clock.watermark(mark, src)
         self.clock_to_seed = set()
 
     async def sweep(self, customer_ids: Sequence[str], now: datetime) -> BatchResult:

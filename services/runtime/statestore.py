@@ -325,13 +325,22 @@ class ClockMarks:
     def __init__(self, collection: AsyncCollection):
         self.collection = collection
 
-    async def save(self, newest: dict[tuple[str, int], datetime]) -> None:
-        if newest:
-            ops = [ReplaceOne({"_id": f"{t}/{p}"}, {"t": when}, upsert=True) for (t, p), when in newest.items()]
+    async def save(self, marks: dict[tuple[str, int], tuple[datetime | None, datetime | None]]) -> None:
+        """Per partition: (newest event time read, newest watermark read); None where there is none."""
+        if marks:
+            ops = [
+                ReplaceOne({"_id": f"{t}/{p}"}, {k: v for k, v in (("t", when), ("w", mark)) if v is not None},
+                           upsert=True)  # fmt: skip
+                for (t, p), (when, mark) in marks.items()
+            ]
             await self.collection.bulk_write(ops, ordered=False)
 
-    async def load(self, sources: Iterable[tuple[str, int]]) -> dict[tuple[str, int], datetime]:
+    async def load(
+        self, sources: Iterable[tuple[str, int]]
+    ) -> dict[tuple[str, int], tuple[datetime | None, datetime | None]]:
         by_id = {f"{t}/{p}": (t, p) for t, p in sources}
         if not by_id:
             return {}
-        return {by_id[d["_id"]]: d["t"] async for d in self.collection.find({"_id": {"$in": list(by_id)}})}
+        return {
+            by_id[d["_id"]]: (d.get("t"), d.get("w")) async for d in self.collection.find({"_id": {"$in": list(by_id)}})
+        }

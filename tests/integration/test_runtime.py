@@ -225,3 +225,44 @@ async def test_a_warmed_cache_holds_every_owned_customer_and_reads_misses_again_
     finally:
         await client.drop_database(f"{common.db_prefix}warm")
         await client.close()
+
+
+async def test_watermarks_hold_the_event_clock_are_not_events_and_are_kept_in_the_clock_marks(common):
+    """A partition read to its end holds the event clock at its watermark: its producer may still be writing."""
+    from datetime import UTC, datetime
+
+    from contracts import watermark as wm
+    from services.runtime.broker import KafkaPublisher
+
+    common = common.model_copy(update={"clock": "event"})
+    topic = common.topic("shop.purchases")
+    mark = datetime(1997, 3, 1, tzinfo=UTC)
+    publisher = KafkaPublisher(common)
+    await publisher.start()
+    try:
+        await publisher.send_to_every_partition([topic], wm.encode(mark, "test"), wm.HEADERS)
+    finally:
+        await publisher.stop()
+    naive = b'{"watermark": "1997-03-02T00:00:00", "producer": "test"}'
+    await produce(common.kafka_bootstrap, topic, [(None, naive, list(wm.HEADERS))])
+    await produce(common.kafka_bootstrap, topic, [(b"c-w", encode(purchase("c-w", total="3.00")), None)])
+    host = build(common, ProbeSettings(http_port=free_port()))
+    await host.start()
+    try:
+        assert (await eventually(lambda: _state(common, "c-w")))["s"]["spend"] == "3.00"
+        letters = await read_topic(common.kafka_bootstrap, topic + ".dlq", expect=1)
+        assert [header(tuple(d.headers), DLQ_REASON) for d in letters] == [
+            "invalid watermark: watermark: Input should have timezone info"
+        ]
+        # Every partition is read to its end and the purchase is of today, yet time stays at the watermark.
+        assert host.clock.now() == mark
+        metrics = host.registry.get_sample_value
+        assert metrics("crm_events_consumed_total", {"service": "probe", "topic": topic, "type": "PurchaseCompleted"}) == 1
+    finally:
+        await host.stop()
+    client = AsyncMongoClient(common.mongo_url, tz_aware=True)
+    try:
+        marks = await client[f"{common.db_prefix}probe"]["clock_marks"].find().to_list()
+    finally:
+        await client.close()
+    assert len(marks) == 6 and {m["w"] for m in marks} == {mark}

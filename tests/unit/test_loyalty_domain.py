@@ -477,3 +477,19 @@ def test_a_registration_read_after_the_purchase_still_gives_the_birthday_month_p
     assert "registration read after the purchase" in [e for e in out if e.type == "PointsEarned"][-1].data.reason
     again, out = run(d, [reg], late)  # the same registration again: nothing more
     assert again["balance"] == late["balance"] and not [e for e in out if e.type == "PointsEarned"]
+
+
+def test_lots_of_one_day_are_spent_in_the_same_order_whichever_arrived_first():
+    # A purchase's points and a referral reward (another topic) of the same day come in either order.
+    d = LoyaltyDomain(rules())
+    _, out = run(d, [register("new", referred_by="c1"), buy("o0", "10.00", cid="new")])
+    (qualified,) = [e for e in out if isinstance(e, ReferralQualified)]
+    purchase = buy("o1", "60.00", at=qualified.occurred_at)
+    spend = redeem(50, at=T0 + timedelta(days=1))
+    a, _ = run(d, [purchase, qualified, spend])
+    b, _ = run(d, [qualified, purchase, spend])
+    assert {x["id"]: x["remaining"] for x in a["lots"]} == {x["id"]: x["remaining"] for x in b["lots"]}
+    # And so the same lot's expiry notice is due.
+    notice = datetime(1998, 1, 3, tzinfo=UTC)
+    ids = [[e.event_id for e in d.tick(s, "c1", notice)[1]] for s in (a, b)]
+    assert ids[0] == ids[1] and ids[0]

@@ -40,3 +40,10 @@ def test_events_are_valid_deterministic_and_registration_comes_first():
     kinds = {e.type for _, e in first}
     assert {"PurchaseRefunded", "InteractionRecorded", "PointsRedemptionRequested"} <= kinds
     assert any(e.type == "CustomerRegistered" and e.data.referred_by for _, e in first)
+
+
+def test_events_are_in_time_order_within_each_day_too():
+    # The player promises time order on every partition (its watermarks rely on it).
+    rows = [r for r in read_master(DEFAULT_PATH) if int(r.customer) <= 300]
+    times = [e.occurred_at for _, e in events(rows)]
+    assert times == sorted(times)

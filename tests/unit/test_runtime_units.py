@@ -127,3 +127,21 @@ def test_a_steady_event_clock_asks_each_source_once_and_still_follows_the_events
     assert sorted(asked) == [("p", 0), ("p", 1)]
     clock.now()
     assert len(asked) == 4  # outside the block every call asks again
+
+
+def test_a_watermarked_source_holds_time_at_its_watermark_even_when_read_to_its_end():
+    clock = EventClock()
+    clock.caught_up = lambda src: True  # every partition read to the end of its last fetch
+    clock.expect_sources({("p", 0), ("p", 1)})
+    clock.watermark(datetime(1997, 1, 1, tzinfo=UTC), ("p", 0))
+    clock.observe(datetime(1997, 3, 1, tzinfo=UTC), ("p", 1))
+    assert clock.now() == datetime(1997, 1, 1, tzinfo=UTC)  # the producer may still be writing to p0
+    # Its newest event counts once past the watermark: the producer promises time order.
+    clock.observe(datetime(1997, 2, 1, tzinfo=UTC), ("p", 0))
+    assert clock.now() == datetime(1997, 2, 1, tzinfo=UTC)
+    clock.watermark(datetime(1997, 1, 15, tzinfo=UTC), ("p", 0))  # an older one changes nothing
+    clock.watermark(datetime(1997, 4, 1, tzinfo=UTC), ("p", 0))
+    assert clock.now() == datetime(1997, 4, 1, tzinfo=UTC)  # p1, without watermarks and caught up, holds nothing
+    assert clock.position(("p", 0)) == (datetime(1997, 2, 1, tzinfo=UTC), datetime(1997, 4, 1, tzinfo=UTC))
+    clock.forget_sources()
+    assert clock.position(("p", 0)) == (None, None)
