@@ -218,7 +218,11 @@ class LoyaltyDomain:
             lot = self._earn(st, ev, points, why, d.order_id, out)
             st["orders"][d.order_id]["lot"] = lot
         if st["purchases"] == 1:
-            st["first_purchase"] = {"at": ev.occurred_at.isoformat(), "order_id": d.order_id}
+            st["first_purchase"] = {
+                "at": ev.occurred_at.isoformat(),
+                "order_id": d.order_id,
+                "event_id": str(ev.event_id),
+            }
             if self.rules.first_purchase_bonus:
                 self._earn(st, ev, self.rules.first_purchase_bonus, "first purchase bonus", d.order_id, out, "first")
             self._referee_reward(st, ev, out)
@@ -378,7 +382,14 @@ class LoyaltyDomain:
         if not referrer or st["referral_rewarded"] or not st["first_purchase"]:
             return
         st["referral_rewarded"] = True
-        order_id = st["first_purchase"]["order_id"]
+        first = st["first_purchase"]
+        order_id = first["order_id"]
+        if first.get("event_id") and str(ev.event_id) != first["event_id"]:
+            # A registration read after the first purchase: the reward is the purchase's all the same
+            # (lot, expiry, event ids), as if the registration had come first.
+            ev = ev.model_copy(
+                update={"event_id": uuid.UUID(first["event_id"]), "occurred_at": datetime.fromisoformat(first["at"])}
+            )
         if self.rules.referee_bonus:
             self._earn(st, ev, self.rules.referee_bonus, f"referral: welcome bonus (referred by {referrer})",
                        order_id, out, "referee")  # fmt: skip

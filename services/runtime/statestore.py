@@ -328,11 +328,10 @@ class ClockMarks:
     async def save(self, marks: dict[tuple[str, int], tuple[datetime | None, datetime | None]]) -> None:
         """Per partition: (newest event time read, newest watermark read); None where there is none."""
         if marks:
-            ops = [
-                ReplaceOne({"_id": f"{t}/{p}"}, {k: v for k, v in (("t", when), ("w", mark)) if v is not None},
-                           upsert=True)  # fmt: skip
-                for (t, p), (when, mark) in marks.items()
-            ]
+            ops = []
+            for (topic, p), (when, mark) in marks.items():
+                doc = {k: v for k, v in (("t", when), ("w", mark)) if v is not None}
+                ops.append(ReplaceOne({"_id": f"{topic}/{p}"}, doc, upsert=True))
             await self.collection.bulk_write(ops, ordered=False)
 
     async def load(

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contracts.crm import ReferralQualified
+from contracts.crm import PointsEarned, ReferralQualified
 from contracts.shop import (
     CustomerRegistered,
     CustomerRegisteredData,
@@ -421,6 +421,16 @@ def test_a_registration_read_after_the_first_purchase_still_pays_the_referral():
     state, out = run(d, [register("new", at=T0, referred_by="old")], state)
     assert [e.customer_id for e in out if isinstance(e, ReferralQualified)] == ["old"]
     assert state["balance"] == 10 + 100 and audit(state) == []
+    # The same lots and events as when the registration is read first (their ids decide expiry notices).
+    first = buy("o1", "10.00", cid="new", at=T0 + timedelta(days=3))
+    joined = register("new", at=T0, referred_by="old")
+    late, late_out = run(d, [first, joined])
+    early, early_out = run(d, [joined, first])
+    assert sorted((x["id"], x["earned_on"], x["remaining"]) for x in late["lots"]) == sorted(
+        (x["id"], x["earned_on"], x["remaining"]) for x in early["lots"]
+    )
+    ids = {e.event_id for e in late_out if isinstance(e, ReferralQualified | PointsEarned)}
+    assert ids == {e.event_id for e in early_out if isinstance(e, ReferralQualified | PointsEarned)}
     # Named only after the first purchase (in event time): no referral.
     state, _ = run(d, [buy("o1", "10.00", cid="late")])
     _, out = run(d, [register("late", at=T0 + timedelta(days=1), referred_by="old")], state)
