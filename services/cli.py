@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from services.churn.transactions import FORMATS
-from services.runtime.kafka import TopicNotFound
+from services.runtime.kafka import TopicNotFound, all_topics
 from services.stack.servers import Stack, StackError, StackSettings
 
 
@@ -40,7 +40,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_topics(state) -> None:
+def _ensure_topics(state) -> list[str]:
     from services.runtime.kafka import ensure_topics
     from services.runtime.settings import CommonSettings
 
@@ -48,6 +48,32 @@ def _ensure_topics(state) -> None:
     created = asyncio.run(ensure_topics(common))
     if created:
         print(f"created {len(created)} topics with {common.topic_partitions} partitions")
+    return created
+
+
+async def _empty_store(state, services) -> list[str]:
+    """Drop the services' databases and our Redis keys (never anyone else's); returns the databases dropped."""
+    import redis.asyncio as redis
+    from pymongo import AsyncMongoClient
+
+    from services.runtime.settings import CommonSettings
+
+    common = CommonSettings(kafka_bootstrap=state.kafka_bootstrap, mongo_url=state.mongo_url, redis_url=state.redis_url)
+    client = AsyncMongoClient(common.mongo_url, serverSelectionTimeoutMS=10_000)
+    try:
+        present = set(await client.list_database_names())
+        dropped = [common.db_prefix + name for name in services if common.db_prefix + name in present]
+        for name in dropped:
+            await client.drop_database(name)
+    finally:
+        await client.close()
+    r = redis.Redis.from_url(common.redis_url)
+    try:
+        async for key in r.scan_iter(match=common.redis_prefix.replace("*", r"\*") + "*", count=500):
+            await r.delete(key)
+    finally:
+        await r.aclose()
+    return dropped
 
 
 def _speed(value: str) -> float | None:
@@ -129,7 +155,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack()
     names = available_services()
     state = stack.up()
-    _ensure_topics(state)
+    created = _ensure_topics(state)
+    # The embedded broker keeps nothing between runs: a store left by an earlier run would hold
+    # customers, clocks and watermarks of a stream that is gone, and the new replay would first
+    # sweep them all (an earlier run's 11,000 accounts stalled a 200-customer replay).
+    fresh_broker = bool(created) and len(created) == len(all_topics(""))
+    if args.replay and fresh_broker and (dropped := asyncio.run(_empty_store(state, SERVICES))):
+        print(f"a new replay on an empty broker: emptied the previous run's store ({', '.join(dropped)})")
     from services.stack.secrets import local_secrets
 
     extra_env = local_secrets(stack.var)

@@ -200,6 +200,15 @@ def test_exit_when_done_prints_a_summary_with_where_to_look(tmp_path: Path):
         assert re.search(rf"│ {name}\s+│ ready", summary), summary
     assert "stopping" in out
     assert list((tmp_path / "var" / "run").glob("*.pid")) == []
+    # Again in the same var/: the broker starts empty, so the previous run's store goes too.
+    argv[argv.index("150")] = "20"
+    again = subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv], env=env, capture_output=True, text=True, timeout=400
+    )
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "emptied the previous run's store (crm_profile, crm_loyalty, crm_churn, crm_notify)" in out
+    assert "every service caught up" in out
 
 
 def test_prometheus_config_and_rules_pass_promtool(tmp_path: Path):
