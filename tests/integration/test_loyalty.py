@@ -99,10 +99,9 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
         assert new["balance"] == 20 and new["debt"] == 0
         assert new["tier"] == "Silver" and new["progress"]["next_tier"] == "Gold"
         assert new["progress"]["qualifying"] == "120.00" and new["progress"]["needed"] == "180.00"
-        # First to expire, first spent (all three lots expire together; the oldest went first).
-        assert [(lot["points"], lot["remaining"], lot["expires_on"]) for lot in new["lots"]] == [
-            (100, 20, "1998-02-04")
-        ]
+        # First to expire, first spent: all three lots expire together and were earned the same day, so
+        # they go by id (not by arrival, which differs from run to run); one is left with 20.
+        assert [(lot["remaining"], lot["expires_on"]) for lot in new["lots"]] == [(20, "1998-02-04")]
         assert old["tier"] == "Member" and old["entries"][0]["reason"] == "referral: ref-new made a first purchase"
 
         events = [json.loads(r.value) for r in await read_topic(
@@ -141,7 +140,7 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
 
 @pytest.mark.slow
 async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_nothing(common):
-    from services.replay.cdnow import events, read_master
+    from services.replay.cdnow import events, first_customers, read_master
     from services.replay.player import play
 
     stream = list(events(read_master()))
@@ -155,7 +154,9 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         fingerprint = await _fingerprint(n)
         loyalty_events = await _count(n, "crm.loyalty")
 
-        await play(n.common, stream, seconds_per_day=None)
+        # Again, the first 3,000 customers' part of it (all of it took another 90 s for the same
+        # point: every event is recognised; nothing is earned, expired or published twice).
+        await play(n.common, events(first_customers(read_master(), 3000)), seconds_per_day=None)
         await eventually(n.caught_up, timeout=600, interval=2.0)
         again = await run_audit(n.common)
         assert again.as_dict() == first.as_dict()
