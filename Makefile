@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(VENV)/bin/crm up --replay cdnow
 
 test: $(STAMP) tools
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)

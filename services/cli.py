@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from services.churn.transactions import FORMATS
-from services.runtime.kafka import TopicNotFound, all_topics
+from services.runtime.kafka import TopicNotFound
 from services.stack.servers import Stack, StackError, StackSettings
 
 
@@ -52,28 +52,51 @@ def _ensure_topics(state) -> list[str]:
 
 
 async def _empty_store(state, services) -> list[str]:
-    """Drop the services' databases and our Redis keys (never anyone else's); returns the databases dropped."""
+    """Drop the services' databases (and, on the embedded Redis only, our keys); returns the databases dropped."""
+    import re
+
     import redis.asyncio as redis
     from pymongo import AsyncMongoClient
 
     from services.runtime.settings import CommonSettings
 
     common = CommonSettings(kafka_bootstrap=state.kafka_bootstrap, mongo_url=state.mongo_url, redis_url=state.redis_url)
+    if not common.db_prefix:
+        return []  # without our prefix a database name could be anyone's
+    # As the service host names them (`CRM_<SERVICE>_DATABASE` overrides the service's name).
+    names = [common.db_prefix + (os.environ.get(f"CRM_{name.upper()}_DATABASE") or name) for name in services]
     client = AsyncMongoClient(common.mongo_url, serverSelectionTimeoutMS=10_000)
     try:
         present = set(await client.list_database_names())
-        dropped = [common.db_prefix + name for name in services if common.db_prefix + name in present]
+        dropped = [name for name in names if name in present]
         for name in dropped:
             await client.drop_database(name)
     finally:
         await client.close()
-    r = redis.Redis.from_url(common.redis_url)
-    try:
-        async for key in r.scan_iter(match=common.redis_prefix.replace("*", r"\*") + "*", count=500):
-            await r.delete(key)
-    finally:
-        await r.aclose()
+    if state.redis_embedded and common.redis_prefix:
+        # A shared Redis keeps its keys: ours there are only hints rebuilt from the store.
+        r = redis.Redis.from_url(common.redis_url)
+        try:
+            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", common.redis_prefix) + "*"
+            async for key in r.scan_iter(match=pattern, count=500):
+                await r.delete(key)
+        finally:
+            await r.aclose()
     return dropped
+
+
+async def _topic_count(bootstrap: str) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from services.runtime.kafka import client_options
+    from services.runtime.settings import CommonSettings
+
+    admin = AIOKafkaAdminClient(**client_options(CommonSettings(kafka_bootstrap=bootstrap)), request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return len(await admin.list_topics())
+    finally:
+        await admin.close()
 
 
 def _speed(value: str) -> float | None:
@@ -155,11 +178,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     stack = _stack()
     names = available_services()
     state = stack.up()
-    created = _ensure_topics(state)
     # The embedded broker keeps nothing between runs: a store left by an earlier run would hold
     # customers, clocks and watermarks of a stream that is gone, and the new replay would first
     # sweep them all (an earlier run's 11,000 accounts stalled a 200-customer replay).
-    fresh_broker = bool(created) and len(created) == len(all_topics(""))
+    fresh_broker = asyncio.run(_topic_count(state.kafka_bootstrap)) == 0
+    _ensure_topics(state)
     if args.replay and fresh_broker and (dropped := asyncio.run(_empty_store(state, SERVICES))):
         print(f"a new replay on an empty broker: emptied the previous run's store ({', '.join(dropped)})")
     from services.stack.secrets import local_secrets

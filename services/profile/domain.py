@@ -194,6 +194,10 @@ class ProfileDomain:
         handler = _HANDLERS.get(type(event))
         if handler is None:
             return state, []  # e.g. redemption requests: loyalty's business
+        # Judged as of the event's own time when the clock is past it: a batch's clock already
+        # stands where its last watermark put it (up to a day on), and recency, stage and segment
+        # must not depend on where a batch happened to end.
+        now = min(now, event.occurred_at)
         before = state or new_state()
         st = _clone(before)
         out: list[Event] = []

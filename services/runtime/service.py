@@ -226,6 +226,10 @@ class ServiceHost:
         try:
             while True:
                 async with self.pipeline.lock:
+                    if self._failing:
+                        # A failed batch waits for redelivery: its events are read (and may have
+                        # moved the clock, watermarks a day at a time) but not applied yet.
+                        break
                     await self.pipeline.seed_clock()
                     await self._warm_cache()
                     if store.schedule.stale:

@@ -336,3 +336,16 @@ def test_a_greeting_reached_late_is_still_requested_with_its_deadline():
     assert [e.event_id for e in greet] == [e.event_id for e in late if e.type == "CareRequested"]
     assert greet[0].data.not_after == datetime(1997, 3, 11, tzinfo=ZoneInfo("Asia/Shanghai"))
     assert d.due(on_day) == d.due(days_later)
+
+
+def test_an_event_is_judged_at_its_own_time_when_the_clock_is_past_it():
+    # Under a replay the clock may stand up to a day past a batch's events (the batch's last watermark).
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy()])
+    data = InteractionRecordedData(kind="survey", channel="web", score=4)
+    survey = _ev(InteractionRecorded, data, T0 + timedelta(days=179, hours=20))
+    on_time = d.apply(state, survey, survey.occurred_at)
+    late_clock = d.apply(state, survey, survey.occurred_at + timedelta(hours=10))
+    assert on_time[0] == late_clock[0]
+    assert [(e.type, e.event_id) for e in on_time[1]] == [(e.type, e.event_id) for e in late_clock[1]]
+    assert on_time[0]["stage"] != "declining"  # 180 days after the purchase: by the clock, not yet by the event
