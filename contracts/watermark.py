@@ -5,7 +5,8 @@ what they have read. Reading a partition to its end does not tell that nothing o
 on its way: the producer keeps writing while the consumer fetches, and a clock that counted
 such a partition as done ran days ahead of purchases not read yet (their customers were then
 walked past them and sent a win-back offer after buying again). So the replay says it itself:
-after each day it writes, to every partition of every shop topic, a control record meaning
+before each day's events and at the end it writes, to every partition of every shop topic, a
+control record meaning
 "everything after this record on this partition has `occurred_at` >= `watermark`, in order".
 
 A watermark is a record with the header `crm-watermark: 1`, no key, and the JSON value

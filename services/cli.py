@@ -40,7 +40,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ensure_topics(state) -> list[str]:
+def _ensure_topics(state) -> None:
     from services.runtime.kafka import ensure_topics
     from services.runtime.settings import CommonSettings
 
@@ -48,16 +48,14 @@ def _ensure_topics(state) -> list[str]:
     created = asyncio.run(ensure_topics(common))
     if created:
         print(f"created {len(created)} topics with {common.topic_partitions} partitions")
-    return created
 
 
 async def _empty_store(state, services) -> list[str]:
     """Drop the services' databases (and, on the embedded Redis only, our keys); returns the databases dropped."""
-    import re
-
     import redis.asyncio as redis
     from pymongo import AsyncMongoClient
 
+    from services.runtime.cache import delete_keys
     from services.runtime.settings import CommonSettings
 
     common = CommonSettings(kafka_bootstrap=state.kafka_bootstrap, mongo_url=state.mongo_url, redis_url=state.redis_url)
@@ -77,9 +75,7 @@ async def _empty_store(state, services) -> list[str]:
         # A shared Redis keeps its keys: ours there are only hints rebuilt from the store.
         r = redis.Redis.from_url(common.redis_url)
         try:
-            pattern = re.sub(r"([*?\[\]\\])", r"\\\1", common.redis_prefix) + "*"
-            async for key in r.scan_iter(match=pattern, count=500):
-                await r.delete(key)
+            await delete_keys(r, common.redis_prefix)
         finally:
             await r.aclose()
     return dropped

@@ -5,6 +5,8 @@ Nothing kept only here is irreplaceable: losing Redis may delay a message, never
 
 from __future__ import annotations
 
+import re
+
 from redis.asyncio import Redis
 
 from services.runtime.settings import CommonSettings
@@ -23,10 +25,17 @@ class Cache:
 
     async def delete_own_keys(self) -> int:
         """Remove this namespace's keys, and only those (never FLUSHDB: the server may be shared)."""
-        removed = 0
-        async for key in self.redis.scan_iter(match=self.prefix.replace("*", r"\*") + "*", count=500):
-            removed += await self.redis.delete(key)
-        return removed
+        return await delete_keys(self.redis, self.prefix)
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+
+async def delete_keys(redis: Redis, prefix: str) -> int:
+    """Delete the keys that start with `prefix` (every glob character in it taken literally)."""
+    if not prefix:
+        raise ValueError("no prefix: that would be every key on the server")
+    removed = 0
+    async for key in redis.scan_iter(match=re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*", count=500):
+        removed += await redis.delete(key)
+    return removed

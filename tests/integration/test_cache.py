@@ -22,3 +22,22 @@ async def test_cache_writes_and_cleans_only_its_own_keys(common, namespace):
         await neighbour.delete(other_key)
         await neighbour.aclose()
         await cache.close()
+
+
+async def test_a_prefix_with_glob_characters_matches_only_itself(namespace, common):
+    import pytest
+
+    from services.runtime.cache import delete_keys
+
+    r = Redis.from_url(common.redis_url)
+    ours, theirs = f"t:{namespace}:a?[b]*", f"t:{namespace}:aXbY"
+    try:
+        await r.set(ours + "k", b"1")
+        await r.set(theirs + "k", b"1")  # what the prefix would match as a glob
+        assert await delete_keys(r, ours) == 1
+        assert await r.get(theirs + "k") == b"1"
+        with pytest.raises(ValueError):
+            await delete_keys(r, "")
+    finally:
+        await r.delete(ours + "k", theirs + "k")
+        await r.aclose()
