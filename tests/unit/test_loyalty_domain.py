@@ -503,3 +503,77 @@ def test_lots_of_one_day_are_spent_in_the_same_order_whichever_arrived_first():
     notice = datetime(1998, 1, 3, tzinfo=UTC)
     ids = [[e.event_id for e in d.tick(s, "c1", notice)[1]] for s in (a, b)]
     assert ids[0] == ids[1] and ids[0]
+
+
+def test_ledger_events_wait_for_the_clock_and_end_as_if_read_in_event_order():
+    """Purchases and redemptions travel on different topics; which is read first must not decide
+    whether the balance covers a redemption or which lots it empties (seen in the kill -9 test: a
+    redemption read after the next months' purchases, accepted in one run and refused in another)."""
+    d = LoyaltyDomain(rules(expiry_months=1))
+    buys = [buy(order=f"o{i}", total="100.00", at=T0 + timedelta(days=10 * i)) for i in range(6)]
+    spend = redeem(points=50, reward="voucher", at=T0 + timedelta(days=25))
+    end = T0 + timedelta(days=90)
+    in_order, expected = run(d, sorted([*buys, spend], key=lambda e: e.occurred_at))
+    in_order, more = d.tick(in_order, "c1", end)
+    expected += more
+    assert "PointsRedeemed" in [e.type for e in expected] and "PointsExpired" in [e.type for e in expected]
+
+    # The redemption first, then the purchases, while the clock (the slowest partition) stays at T0.
+    state, derived = None, []
+    for ev in [spend, *buys]:
+        state, o = d.apply(state, ev, T0)
+        derived += o
+    assert d.due(state, T0) == T0 + timedelta(days=10)  # the first purchase held is due
+    state, o = d.tick(state, "c1", end)  # the sweep, once the clock has passed them all
+    derived += o
+    assert state["held"] == []
+    assert [e.event_id for e in derived] == [e.event_id for e in expected]
+    for key in ("balance", "entries", "lots", "orders", "tier"):
+        assert state[key] == in_order[key], key
+
+    # The purchases first, the clock still behind: nothing runs ahead of the redemption.
+    state, derived = None, []
+    for ev in [*buys, spend]:
+        state, o = d.apply(state, ev, T0)
+        derived += o
+    state, o = d.tick(state, "c1", end)
+    derived += o
+    assert [e.event_id for e in derived] == [e.event_id for e in expected]
+    assert state["entries"] == in_order["entries"]
+
+    # An event the clock has reached releases the held ones before it, first.
+    state, _ = d.apply(None, spend, T0)
+    state, o = d.apply(state, buys[0], T0)
+    state, o = d.apply(state, buys[3], buys[3].occurred_at)
+    assert [e.type for e in o if e.type.startswith(("Points", "Redemption"))] == ["PointsRedeemed", "PointsEarned"]
+    assert state["held"] == []
+
+
+def test_a_held_redemption_of_a_customer_without_an_account_is_refused_when_released():
+    d = LoyaltyDomain(rules())
+    spend = redeem(points=50, reward="voucher", at=T0 + timedelta(days=1))
+    state, out = d.apply(None, spend, T0)
+    assert out == [] and d.due(state, T0) == spend.occurred_at
+    state, out = d.tick(state, "c1", spend.occurred_at)
+    assert [(e.type, e.data.reason) for e in out] == [("RedemptionRejected", "insufficient_balance")]
+    assert d.due(state, spend.occurred_at) is None
+
+
+def test_apply_and_tick_never_change_the_state_they_are_given():
+    """Orders are copied on write only; every path that changes one must copy it first."""
+    import copy
+
+    from services.replay.cdnow import events, first_customers, read_master
+
+    d = LoyaltyDomain(load_rules())
+    states: dict = {}
+    for _, ev in events(first_customers(read_master(), 400)):
+        before = states.get(ev.customer_id)
+        frozen = copy.deepcopy(before)
+        after, _ = d.apply(before, ev, ev.occurred_at)
+        assert before == frozen, f"apply changed its input state ({ev.type} of {ev.customer_id})"
+        later = ev.occurred_at + timedelta(days=400)  # expiry, notices, reviews, birthdays
+        frozen = copy.deepcopy(after)
+        d.tick(after, ev.customer_id, later)
+        assert after == frozen, f"tick changed its input state ({ev.customer_id})"
+        states[ev.customer_id] = after
