@@ -30,6 +30,10 @@ from services.runtime.statestore import ClockMarks, Codec, StateStore, with_back
 
 log = logging.getLogger(__name__)
 
+# How long stop() lets guarded work (notify's delivery round) finish and record. Below the 20 s that
+# `crm up` gives a service to exit after SIGTERM, so the rest of stop() still runs before a kill.
+GUARDED_STOP_S = 12.0
+
 
 @dataclass
 class ServiceSpec:
@@ -308,10 +312,10 @@ class ServiceHost:
         self._started = False
         # Let guarded work (e.g. messages being sent) finish and record before it is cancelled.
         try:
-            await asyncio.wait_for(self.revoke_guard.acquire(), 30.0)
+            await asyncio.wait_for(self.revoke_guard.acquire(), GUARDED_STOP_S)
             guarded = True
         except TimeoutError:
-            log.warning("stopping while guarded work still runs after 30s")
+            log.warning("stopping while guarded work still runs after %.0fs", GUARDED_STOP_S)
             guarded = False
         for task in self._tasks:
             task.cancel()

@@ -98,6 +98,7 @@ class Supervisor:
             child.next_start = now + delay
 
     def stop_all(self, timeout: float = 20.0) -> None:
+        # Longer than a service's own wait for guarded work (runtime.service.GUARDED_STOP_S).
         for child in self.children:
             if child.proc and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
