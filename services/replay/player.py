@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Iterable
 from datetime import date
@@ -24,6 +25,7 @@ async def play(
     seconds_per_day: float | None,
     progress: Callable[[date, int], None] = lambda _d, _n: None,
     stop: asyncio.Event | None = None,
+    chunk: int = CHUNK,
 ) -> int:
     """Publish every event; with `seconds_per_day` None, as fast as the broker takes them.
 
@@ -40,6 +42,7 @@ async def play(
     pending: list[tuple[str, bytes, bytes, tuple]] = []
     current: date | None = None
     newest = None
+    acked = None  # the newest event time the broker has acknowledged, or of the last watermark
 
     async def watermark(when) -> None:
         await publisher.send_to_every_partition(shop_topics, wm.encode(when, PRODUCER), wm.HEADERS)
@@ -52,10 +55,11 @@ async def play(
                 if pending:
                     await publisher.send_many(pending)
                     sent += len(pending)
-                    pending = []
+                    pending, acked = [], newest
                     progress(current, sent)
                 # Everything before this day's first event is sent (and acknowledged).
                 await watermark(event.occurred_at)
+                acked = event.occurred_at
                 current = day
                 first_day = first_day or day
                 if seconds_per_day:
@@ -67,16 +71,23 @@ async def play(
                 raise ValueError(f"replay stream out of time order: {event.occurred_at} after {newest}")
             newest = event.occurred_at
             pending.append((settings.topic(event.TOPIC), event.key(), event.to_bytes(), ()))
-            if len(pending) >= CHUNK:
+            if len(pending) >= chunk:
                 await publisher.send_many(pending)
                 sent += len(pending)
-                pending = []
+                pending, acked = [], newest
         if pending:
             await publisher.send_many(pending)
             sent += len(pending)
             progress(current, sent)
         if newest is not None and not (stop is not None and stop.is_set()):
             await watermark(newest)
+    except Exception:
+        # Nothing more comes from this replay: let the services' clocks pass what was sent, so
+        # its expiry, birthdays and sweeps are not left waiting for a day that never comes.
+        if acked is not None:
+            with contextlib.suppress(Exception):
+                await watermark(acked)
+        raise
     finally:
         await publisher.stop()
     return sent

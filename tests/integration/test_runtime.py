@@ -266,3 +266,29 @@ async def test_watermarks_hold_the_event_clock_are_not_events_and_are_kept_in_th
     finally:
         await client.close()
     assert len(marks) == 6 and {m["w"] for m in marks} == {mark}
+
+
+async def test_a_replay_that_fails_lets_the_clocks_pass_what_it_sent(common):
+    """After an error the player writes a last watermark at the newest event the broker acknowledged:
+    nothing more comes from it, and the services' clocks should not wait for a day that never comes."""
+    from datetime import UTC, date, datetime
+
+    import pytest
+
+    from contracts import watermark as wm
+    from contracts.shop import PurchaseCompleted
+    from services.replay.player import play
+
+    def ev(cid: str, hour: int) -> tuple[date, PurchaseCompleted]:
+        at = datetime(1997, 1, 1, hour, tzinfo=UTC)
+        return at.date(), PurchaseCompleted.model_validate(purchase(cid, total="1.00", occurred_at=at.isoformat()))
+
+    stream = [ev("c-1", 8), ev("c-2", 9), ev("c-3", 10), ev("c-4", 7)]  # the last one is out of order
+    with pytest.raises(ValueError, match="out of time order"):
+        await play(common, stream, seconds_per_day=None, chunk=2)
+    topic = common.topic("shop.purchases")
+    records = await read_topic(common.kafka_bootstrap, topic, expect=6 + 2 + 6)  # day mark, 2 events, last mark
+    marks = [r for r in records if wm.is_watermark(tuple(r.headers))]
+    last = {r.partition: wm.decode(r.value) for r in sorted(marks, key=lambda r: r.offset)}
+    assert len(last) == 6 and set(last.values()) == {datetime(1997, 1, 1, 9, tzinfo=UTC)}
+    assert sorted(r.key for r in records if r not in marks) == [b"c-1", b"c-2"]
