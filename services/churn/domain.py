@@ -38,6 +38,7 @@ from contracts.shop import CustomerErasureRequested, InteractionRecorded, Purcha
 from services.churn.assess import AT_RISK, Assessment, Assessor, BandRules
 from services.churn.model import RiskModel
 from services.churn.signals import ISSUE_DAYS, History
+from services.runtime.held import first_due, hold, take_ready
 
 PRODUCER = "churn"
 # The events whose order matters (see `ChurnDomain.apply`); held by type name until the clock passes them.
@@ -75,7 +76,7 @@ def new_state() -> dict[str, Any]:
         "erased": False,
         "risk": None,  # {"score", "band", "since", "reasons", "p_alive", "expected_purchases_90d", "on"}
         "ladder": {"step": 0, "episode": 0, "at_risk_since": None, "step_at": None},
-        "held": [],  # [time, event id, type, JSON] of events the clock has not passed yet, in order
+        "held": [],  # events the clock has not passed yet (services/runtime/held.py)
     }
 
 
@@ -178,7 +179,7 @@ class ChurnDomain:
         st = _clone(state) if state else new_state()
         if not st.get("held") and event.occurred_at <= now:
             return st, self._handle(st, event)  # the common case: nothing waits, nothing to order
-        _hold(st, event)
+        st["held"] = hold(st.get("held"), _without_personal_data(event))
         # Not past the event itself: later events of this batch may still come for this customer
         # (a batch is applied in time order); the sweep releases the rest.
         return st, self._release(st, event.customer_id, min(now, event.occurred_at))
@@ -200,10 +201,9 @@ class ChurnDomain:
     def _release(self, st: dict[str, Any], cid: str, until: datetime) -> list[Event]:
         """Apply the held events the clock has passed, oldest first."""
         derived: list[Event] = []
-        held = st.get("held") or []
-        while held and datetime.fromisoformat(held[0][0]) <= until:
-            _, _, type_name, body = held.pop(0)
-            derived += self._handle(st, ORDERED_BY_NAME[type_name].model_validate_json(body))
+        st["held"], ready = take_ready(st.get("held"), until, ORDERED_BY_NAME)
+        for event in ready:
+            derived += self._handle(st, event)
         return derived
 
     def _purchase(self, st: dict[str, Any], event: PurchaseCompleted) -> list[Event]:
@@ -286,12 +286,8 @@ class ChurnDomain:
         that did not run) makes the sweep walk there at once instead of skipping the way. A held
         event is due at its own time.
         """
-        walk = self._walk_due(state)
-        held = state.get("held")
-        if held:
-            first = datetime.fromisoformat(held[0][0])
-            return first if walk is None else min(walk, first)
-        return walk
+        walk, first = self._walk_due(state), first_due(state.get("held"))
+        return min((t for t in (walk, first) if t is not None), default=None)
 
     def _walk_due(self, state: dict[str, Any]) -> datetime | None:
         if state.get("first") is None or state["risk"] is None:
@@ -452,15 +448,6 @@ class ChurnDomain:
             lo = hi
         # Nothing within the horizon: look again then (a refit or the windows may change things).
         return _midnight(start + timedelta(days=PROBE_DAYS[-1]))
-
-
-def _hold(st: dict[str, Any], event: Event) -> None:
-    """Queue an event in (time, id) order: the same order in whatever order events were read."""
-    kept = _without_personal_data(event)
-    entry = [event.occurred_at.astimezone(UTC).isoformat(), str(event.event_id), event.type, kept.to_bytes().decode()]
-    held = st.setdefault("held", [])
-    held.append(entry)  # a redelivered event never gets here: the pipeline skips ids it has seen
-    held.sort(key=lambda h: (h[0], h[1]))
 
 
 def _without_personal_data(event: Event) -> Event:

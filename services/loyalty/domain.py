@@ -18,7 +18,6 @@ referral rewards once; so the ledger never depends on redelivery.
 from __future__ import annotations
 
 import calendar
-import json
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
@@ -54,6 +53,7 @@ from contracts.shop import (
     PurchaseRefunded,
 )
 from services.loyalty.rules import Rules
+from services.runtime.held import first_due, hold, take_ready
 
 PRODUCER = "loyalty"
 KEPT_KEYS = 1000  # refund and redemption ids remembered for dedup
@@ -163,7 +163,7 @@ class LoyaltyDomain:
                 # and whether a redemption is covered, and which lots it empties, must not depend
                 # on which topic was read first (seen after a kill -9: a redemption read after the
                 # next months' purchases and expiry). Under the wall clock nothing waits.
-                st["held"] = [*st.get("held", []), json.loads(event.to_bytes())]
+                st["held"] = hold(st.get("held"), event)
                 return st, out
             self._release(st, event.customer_id, event.occurred_at, out)
             self._ledger_event(st, event, out)
@@ -482,15 +482,9 @@ class LoyaltyDomain:
 
     def _release(self, st, customer_id: str, now: datetime, out) -> None:
         """Apply the held ledger events the clock has passed, in event-time order."""
-        ready = sorted(
-            (h for h in st.get("held", []) if datetime.fromisoformat(h["occurred_at"]) <= now),
-            key=lambda h: (datetime.fromisoformat(h["occurred_at"]), h["event_id"]),
-        )
-        if not ready:
-            return
-        st["held"] = [h for h in st["held"] if datetime.fromisoformat(h["occurred_at"]) > now]
-        for held in ready:
-            self._ledger_event(st, _LEDGER_TYPES[held["type"]].model_validate(held), out)
+        st["held"], ready = take_ready(st.get("held"), now, LEDGER_BY_NAME)
+        for event in ready:
+            self._ledger_event(st, event, out)
 
     def _catch_up(self, st, customer_id: str, now: datetime, out) -> None:
         """Everything due up to `now`, each judged as of its own due time, however late we get to it."""
@@ -509,16 +503,16 @@ class LoyaltyDomain:
         if not state:
             return None
         if state["tier"] is None:
-            held = state.get("held")
-            return min(datetime.fromisoformat(h["occurred_at"]) for h in held) if held else None
+            return first_due(state.get("held"))
         # Called for every event and tick: the earliest ISO date string is the earliest date, and
         # only that one is parsed.
-        times = [datetime.fromisoformat(h["occurred_at"]) for h in state.get("held", [])]
+        held = first_due(state.get("held"))
+        times = [] if held is None else [held]
         live = [lot for lot in state["lots"] if lot["remaining"] > 0]
         if live:
             times.append(_at(date.fromisoformat(min(lot["expires_on"] for lot in live))))
         notified = set(state["notified_lots"])
-        notice = [lot for lot in live if self._notice_pending(state, lot, notified)]
+        notice = [lot for lot in live if self._notice_pending(lot, notified)]
         if notice:
             times.append(self._notice_at(min(notice, key=lambda lot: lot["expires_on"])))
         if state["next_review"]:
@@ -547,11 +541,11 @@ class LoyaltyDomain:
                                  occurred_at=at))  # fmt: skip
         st["lots"] = [lot for lot in st["lots"] if lot["remaining"] > 0]
 
-    def _notice_pending(self, st, lot, notified: set[str] | None = None) -> bool:
+    def _notice_pending(self, lot, notified: set[str]) -> bool:
         return (
             lot["remaining"] >= max(self.rules.expiring_notice_min_points, 1)
             and self.rules.expiring_notice_days > 0
-            and lot["id"] not in (st["notified_lots"] if notified is None else notified)
+            and lot["id"] not in notified
         )
 
     def _notice_at(self, lot) -> datetime:
@@ -562,7 +556,7 @@ class LoyaltyDomain:
         until = (today + timedelta(days=self.rules.expiring_notice_days)).isoformat()
         notified = set(st["notified_lots"])
         for lot in sorted((x for x in st["lots"] if x["expires_on"] <= until), key=_fifo):
-            if not self._notice_pending(st, lot, notified):
+            if not self._notice_pending(lot, notified):
                 continue
             st["notified_lots"] = [*st["notified_lots"], lot["id"]][-KEPT_KEYS:]
             at = self._notice_at(lot)
@@ -702,7 +696,7 @@ class LoyaltyDomain:
 
 
 LEDGER_EVENTS = (PurchaseCompleted, PurchaseRefunded, PointsRedemptionRequested)
-_LEDGER_TYPES = {t.model_fields["type"].default: t for t in LEDGER_EVENTS}
+LEDGER_BY_NAME = {cls.__name__: cls for cls in LEDGER_EVENTS}
 
 
 def _fifo(lot: dict) -> tuple:

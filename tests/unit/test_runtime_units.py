@@ -145,3 +145,28 @@ def test_a_watermarked_source_holds_time_at_its_watermark_even_when_read_to_its_
     assert clock.position(("p", 0)) == (datetime(1997, 2, 1, tzinfo=UTC), datetime(1997, 4, 1, tzinfo=UTC))
     clock.forget_sources()
     assert clock.position(("p", 0)) == (None, None)
+
+
+def test_held_events_come_out_in_time_then_id_order_whatever_order_they_went_in():
+    import uuid
+    from datetime import UTC, datetime, timedelta
+
+    from contracts.shop import PurchaseCompleted
+    from services.runtime.held import first_due, hold, take_ready
+    from tests.support.kafka import purchase
+
+    t0 = datetime(1997, 3, 1, 12, tzinfo=UTC)
+
+    def ev(minutes: int, eid: str) -> PurchaseCompleted:
+        body = purchase("c-1", total="1.00", occurred_at=(t0 + timedelta(minutes=minutes)).isoformat())
+        return PurchaseCompleted.model_validate(body | {"event_id": eid})
+
+    ids = [str(uuid.UUID(int=i)) for i in range(4)]
+    events = [ev(10, ids[3]), ev(0, ids[2]), ev(10, ids[1]), ev(20, ids[0])]
+    queue = None
+    for e in events:
+        queue = hold(queue, e)
+    assert first_due(queue) == t0 and first_due([]) is None
+    left, ready = take_ready(queue, t0 + timedelta(minutes=10), {"PurchaseCompleted": PurchaseCompleted})
+    assert [str(e.event_id) for e in ready] == [ids[2], ids[1], ids[3]]  # the same time: by id
+    assert ready[1] == events[2] and first_due(left) == t0 + timedelta(minutes=20)
