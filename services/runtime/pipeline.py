@@ -353,7 +353,10 @@ class Pipeline:
         return True
 
     async def publish(self, docs, dead_letters: list[DeadLetter]) -> int:
-        """Send the docs' pending outbox entries and these dead letters; mark the entries published."""
+        """Send the docs' pending outbox entries and these dead letters; mark the entries published.
+
+        The docs are then done with, and the store packs them (see `StateStore.settle`)."""
+        docs = list(docs)
         messages: list[tuple[str, bytes | None, bytes | None, tuple]] = []
         sent: list[tuple[CustomerDoc, OutboxEntry]] = []
         for doc in docs:
@@ -381,15 +384,15 @@ class Pipeline:
                 physical_dlq,
                 dl.reason,
             )
-        if not messages:
-            return 0
-        await with_backoff(
-            lambda: self.publisher.send_many(messages),
-            attempts=self.retry_attempts,
-            base_delay=self.retry_base_delay_s,
-            what="publish",
-            transient=(Exception,),
-        )
-        for doc, entry in sent:
-            doc.published.add(entry.event_id)
+        if messages:
+            await with_backoff(
+                lambda: self.publisher.send_many(messages),
+                attempts=self.retry_attempts,
+                base_delay=self.retry_base_delay_s,
+                what="publish",
+                transient=(Exception,),
+            )
+            for doc, entry in sent:
+                doc.published.add(entry.event_id)
+        self.store.settle(docs)
         return len(messages)

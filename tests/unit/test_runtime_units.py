@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from services.runtime.clock import EventClock
 from services.runtime.logs import JsonFormatter, customer_id_var, mask_text
@@ -170,3 +170,66 @@ def test_held_events_come_out_in_time_then_id_order_whatever_order_they_went_in(
     left, ready = take_ready(queue, t0 + timedelta(minutes=10), {"PurchaseCompleted": PurchaseCompleted})
     assert [str(e.event_id) for e in ready] == [ids[2], ids[1], ids[3]]  # the same time: by id
     assert ready[1] == events[2] and first_due(left) == t0 + timedelta(minutes=20)
+
+
+def test_a_packed_document_comes_back_as_it_was_without_its_published_entries():
+    doc = CustomerDoc("c1", state={"n": 3, "at": datetime(2026, 1, 2, tzinfo=UTC), "tags": ["a"]}, rev=4,
+                      due=datetime(2026, 2, 1, tzinfo=UTC), meta={"lookup": {"k1"}})  # fmt: skip
+    for eid in ("e1", "e2"):
+        doc.remember(eid, 10)
+    doc.outbox = [OutboxEntry("t", "x1", b"v1", b"c1"), OutboxEntry("t", "x2", b"v2", b"c1")]
+    doc.published.add("x1")
+    back = CustomerDoc.unpack("c1", doc.pack())
+    assert back.state == doc.state and back.rev == 4 and back.due == doc.due and back.meta == {"lookup": {"k1"}}
+    assert back.has_seen("e2") and not back.has_seen("e3") and back.seen == ["e1", "e2"]
+    assert [e.event_id for e in back.pending()] == ["x2"] and not back.published and not back.dirty
+    # Published entries are what the next write trims: the packed copy writes the same document.
+    assert back.to_doc(PlainCodec()) == doc.to_doc(PlainCodec())
+
+
+class _Collection:
+    """Takes bulk writes; a store whose cache is complete reads nothing."""
+
+    def __init__(self):
+        self.written: list = []
+
+    async def bulk_write(self, ops, ordered):
+        self.written.extend(ops)
+
+
+async def test_the_cache_packs_settled_documents_and_hands_a_held_one_out_as_the_same_object():
+    import gc
+
+    from services.runtime.statestore import StateStore
+
+    store = StateStore(_Collection())
+    store.complete = True  # every owned customer cached: a miss is a new customer
+    doc = (await store.load(["c1"]))["c1"]
+    doc.state, doc.dirty = {"points": 5}, True
+    store.settle([doc])
+    assert store.cache["c1"] is doc  # dirty: not written yet, so not packed
+    await store.save([doc])
+    store.settle([doc])
+    assert isinstance(store.cache["c1"], bytes)
+    # Still held (notify keeps its documents while messages are out) and changed later: the
+    # next load must see that change, so it returns the held object, not a copy of the cache.
+    doc.state = {"points": 7}
+    again = (await store.load(["c1"]))["c1"]
+    assert again is doc and store.cache["c1"] is doc
+    await store.save([doc])  # not dirty: nothing to write, but settle packs the newest state
+    store.settle([doc])
+    del doc, again
+    gc.collect()
+    fresh = (await store.load(["c1"]))["c1"]
+    assert fresh.state == {"points": 7} and fresh.rev == 1
+    store.drop_cache()
+    assert not store.cache and not store._live
+
+
+def test_the_schedule_heap_stays_near_the_number_of_customers_when_due_times_keep_moving():
+    s = Schedule()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(20_000):
+        s.set(f"c{i % 100}", start + timedelta(minutes=i))  # each event moves the due time later
+    assert len(s._heap) <= 2 * 100 + 1024 + 1
+    assert s.pop_due(start + timedelta(days=30), 1000) == [f"c{i}" for i in range(100)]
