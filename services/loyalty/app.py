@@ -47,6 +47,8 @@ def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date) -> d
         ],
         "entries": state["entries"][-rules.recent_entries :],
         "entries_total": len(state["entries"]),
+        # Ledger events the event clock has not reached (replays only): not in the balance yet.
+        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
     }
 
 

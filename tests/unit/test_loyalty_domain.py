@@ -22,6 +22,7 @@ from contracts.shop import (
     PurchaseRefunded,
     PurchaseRefundedData,
 )
+from services.loyalty.app import account_view
 from services.loyalty.domain import LoyaltyDomain, add_months, audit
 from services.loyalty.rules import Campaign, Rules, RulesError, Tier, load_rules
 
@@ -524,6 +525,10 @@ def test_ledger_events_wait_for_the_clock_and_end_as_if_read_in_event_order():
         state, o = d.apply(state, ev, T0)
         derived += o
     assert d.due(state, T0) == T0 + timedelta(days=10)  # the first purchase held is due
+    view = account_view("c1", state, d, T0.date())  # what the read API shows meanwhile
+    assert view["balance"] == state["balance"] == 100  # the purchase at T0 only: the clock is there
+    assert [w["type"][:9] for w in view["waiting"]] == ["PurchaseC"] * 2 + ["PointsRed"] + ["PurchaseC"] * 3
+    assert view["waiting"][0]["occurred_at"] == (T0 + timedelta(days=10)).isoformat()
     state, o = d.tick(state, "c1", end)  # the sweep, once the clock has passed them all
     derived += o
     assert state["held"] == []
