@@ -117,6 +117,7 @@ class Pipeline:
         self.before_batch: Callable[[], Awaitable[None]] | None = None
         self.last_offsets: dict[tuple[str, int], int] = {}  # newest offset handled per partition
         self._due = getattr(domain, "due", None)
+        self._tick = getattr(domain, "tick", None)
         self._erasing = tuple(getattr(domain, "ERASING", ()))
         self._wants = getattr(domain, "wants", None)
         # A domain whose `tick` judges everything as of its due time can have it run before each
@@ -191,6 +192,14 @@ class Pipeline:
         # (a duplicate now) or one this service does not want.
         for src, when in newest.items():
             self.clock.observe(when, src)
+        if self._tick is not None and changed:
+            # What this batch made due by now (the clock moved with it: a held event it passed)
+            # goes into this batch's write; the sweep would write these documents a second time.
+            now = self.clock.now()
+            for cid in changed:
+                doc = docs[cid]
+                if doc.due is not None and doc.due <= now:
+                    self._tick_doc(doc, now, result)
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),
             attempts=self.retry_attempts,
@@ -262,30 +271,11 @@ class Pipeline:
             base_delay=self.retry_base_delay_s,
             what="store read",
         )
-        for cid, doc in docs.items():
-            if doc.state is None:
-                continue
-            token_c = customer_id_var.set(cid)
-            try:
-                state, derived = self.domain.tick(doc.state, cid, now)  # type: ignore[attr-defined]
-            except Exception:
-                # A bug for one customer must not stop every other customer's sweep.
-                log.exception("tick failed; the customer is retried at the next sweep")
-                continue
-            finally:
-                customer_id_var.reset(token_c)
-            due = self._due(state, now) if self._due else None
-            if state is doc.state and not derived:
+        for doc in docs.values():
+            if doc.state is not None and self._tick_doc(doc, now, result) is False:
                 # Only the due time moved (e.g. new scoring rules): the schedule in memory
                 # is enough; the stored value is refreshed by the next real write.
-                doc.due = due
-                self.store.schedule.set(cid, due)
-                continue
-            doc.state, doc.due, doc.dirty = state, due, True
-            for d in derived:
-                doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
-            result.derived.extend(derived)
-            result.applied += 1
+                self.store.schedule.set(doc.customer_id, doc.due)
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),
             attempts=self.retry_attempts,
@@ -296,6 +286,28 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.observe_sweep(self.service, result, len(customer_ids))
         return result
+
+    def _tick_doc(self, doc: CustomerDoc, now: datetime, result: BatchResult) -> bool | None:
+        """Run the domain's `tick` on one document: True if its state changed or it derived events,
+        False if only its due time moved, None if the tick failed (retried by the next sweep)."""
+        token_c = customer_id_var.set(doc.customer_id)
+        try:
+            state, derived = self._tick(doc.state, doc.customer_id, now)  # type: ignore[misc]
+        except Exception:
+            # A bug for one customer must not stop every other customer's sweep.
+            log.exception("tick failed; the customer is retried at the next sweep")
+            return None
+        finally:
+            customer_id_var.reset(token_c)
+        doc.due = self._due(state, now) if self._due else None
+        if state is doc.state and not derived:
+            return False
+        doc.state, doc.dirty = state, True
+        for d in derived:
+            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+        result.derived.extend(derived)
+        result.applied += 1
+        return True
 
     def _apply_event(self, doc: CustomerDoc, event: Event, rec: Record, result: BatchResult) -> datetime | None:
         """Apply one event to its customer's document; the clock time if the state changed."""

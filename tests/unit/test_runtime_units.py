@@ -233,3 +233,48 @@ def test_the_schedule_heap_stays_near_the_number_of_customers_when_due_times_kee
         s.set(f"c{i % 100}", start + timedelta(minutes=i))  # each event moves the due time later
     assert len(s._heap) <= 2 * 100 + 1024 + 1
     assert s.pop_due(start + timedelta(days=30), 1000) == [f"c{i}" for i in range(100)]
+
+
+class _Publisher:
+    def __init__(self):
+        self.sent: list = []
+
+    async def send_many(self, messages):
+        self.sent.extend(messages)
+
+
+async def test_what_a_batch_makes_due_is_ticked_into_that_batch_s_write():
+    """Loyalty holds a purchase the event clock has not reached. When the same batch moves the
+    clock past it (here through another customer's event on the other partition), the purchase is
+    applied before the write: one write of the account, not one now and one by the next sweep."""
+    from contracts import registry_for, topics
+    from services.bench import _purchase
+    from services.loyalty.domain import LoyaltyDomain
+    from services.loyalty.settings import LoyaltySettings
+    from services.runtime.clock import EventClock
+    from services.runtime.pipeline import Pipeline
+    from services.runtime.records import Record
+    from services.runtime.statestore import StateStore
+
+    t0 = datetime(1997, 3, 1, tzinfo=UTC)
+    clock = EventClock(start=t0)
+    clock.caught_up = lambda source: False  # a live replay: every partition may still bring events
+    topic = topics.SHOP_PURCHASES
+    for p in (0, 1):
+        clock.observe(t0, (topic, p))
+    collection = _Collection()
+    store = StateStore(collection)
+    store.complete = True
+    pipeline = Pipeline(service="loyalty", domain=LoyaltyDomain(LoyaltySettings().rules()),
+                        registry=registry_for(topic), store=store, publisher=_Publisher(), clock=clock)  # fmt: skip
+    first = _purchase("c1", t0 + timedelta(days=5), "o1", "100.00")  # partition 1 is then at day 5...
+    second = _purchase("c2", t0 + timedelta(days=6), "o2", "50.00")  # ...and partition 0 at day 6
+    records = [Record(topic, 1, 0, first.key(), first.to_bytes()), Record(topic, 0, 0, second.key(), second.to_bytes())]
+    result = await pipeline.handle(records)
+
+    assert clock.now() == t0 + timedelta(days=5)
+    docs = await store.load(["c1", "c2"])
+    assert docs["c1"].state["held"] == [] and docs["c1"].state["balance"] > 0  # applied in this batch
+    assert len(docs["c2"].state["held"]) == 1 and docs["c2"].state["balance"] == 0  # day 6: still ahead
+    assert "PointsEarned" in [e.type for e in result.derived]
+    assert result.docs_written == 2 and len(collection.written) == 2
