@@ -292,8 +292,9 @@ async def naive(state, events: list, log) -> float:
 
 async def e2e(stack, state, events: list, log) -> dict:
     fleet = Fleet(stack, state, f"bench-e2e-{uuid.uuid4().hex[:6]}", "event")
-    await fleet.start()
     try:
+        # Inside the try: a start that times out or is interrupted has already spawned the services.
+        await fleet.start()
         common = fleet.common()
         shop = len(events)
         started = time.monotonic()
@@ -425,8 +426,8 @@ async def _offer(common, rate: float, seconds: float, make: Callable[[datetime],
 async def latency(stack, state, rate: float, seconds: float, log) -> dict:
     """New customers register and buy at `rate` shop events per second; purchase to thank-you message."""
     fleet = Fleet(stack, state, f"bench-lat-{uuid.uuid4().hex[:6]}", "wall")
-    await fleet.start()
     try:
+        await fleet.start()
         common = fleet.common()
 
         def newcomer(now: datetime) -> list:
@@ -457,8 +458,8 @@ async def soak(stack, state, rate: float, seconds: float, log) -> dict:
     import random
 
     fleet = Fleet(stack, state, f"bench-soak-{uuid.uuid4().hex[:6]}", "wall")
-    await fleet.start()
     try:
+        await fleet.start()
         common = fleet.common()
         rng = random.Random(7)
         ids = [f"soak-{i:05d}" for i in range(SOAK_CUSTOMERS)]
@@ -572,8 +573,8 @@ async def _latencies(common, kind: str) -> list[float]:
 
 async def full_replay(stack, state, log) -> float:
     fleet = Fleet(stack, state, f"bench-full-{uuid.uuid4().hex[:6]}", "event")
-    await fleet.start()
     try:
+        await fleet.start()
         from services.replay.cdnow import events, read_master
         from services.replay.player import play
 
