@@ -480,7 +480,10 @@ async def soak(stack, state, rate: float, seconds: float, log) -> dict:
             if samples and elapsed - samples[-1]["t"] < SOAK_SAMPLE_S:
                 return
             snap = await asyncio.to_thread(fleet.snapshot)
-            samples.append({"t": round(elapsed, 1), "rss_mb": fleet.rss_mb(), "lag": sum(snap.lag.values())})
+            cache = {name: round(b / 2**20, 1) for name, b in snap.cache_bytes.items()}
+            samples.append(
+                {"t": round(elapsed, 1), "rss_mb": fleet.rss_mb(), "cache_mb": cache, "lag": sum(snap.lag.values())}
+            )
             if len(samples) % 6 == 0:
                 log(f"soak: {elapsed:.0f}s of {seconds:.0f}s, lag {samples[-1]['lag']}, RSS {samples[-1]['rss_mb']}")
 
@@ -514,6 +517,9 @@ def summarize_soak(samples: list[dict], rate: float, seconds: float, sent: int) 
         "rss_mb_end": last["rss_mb"],
         "rss_growth_percent": growth,
         "rss_growth_under_10_percent": all(g < 10 for g in growth.values()),
+        # The packed state cache's part of it (crm_state_cache_bytes): the customers' history.
+        "cache_mb_after_warmup": first.get("cache_mb"),
+        "cache_mb_end": last.get("cache_mb"),
         "lag_max_first_half": max(half),
         "lag_max_second_half": max(second),
         "lag_end": samples[-1]["lag"] if samples else None,

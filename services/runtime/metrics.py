@@ -85,6 +85,15 @@ class PipelineMetrics:
             registry=registry,
         )
         self.up = Gauge("crm_service_ready", "1 when the service is ready", ["service"], registry=registry)
+        self.cache_bytes = Gauge(
+            "crm_state_cache_bytes",
+            "Bytes of the customer documents cached packed between uses (documents in use not counted)",
+            ["service"],
+            registry=registry,
+        )
+        self.cache_documents = Gauge(
+            "crm_state_cache_documents", "Customer documents in the state cache", ["service"], registry=registry
+        )
         # Service-specific metrics derived from what a service publishes (e.g. win-backs per ladder step).
         self.on_derived: list[Callable[[Any], None]] = []
 
@@ -112,3 +121,8 @@ class PipelineMetrics:
         if result.newest_event_time is not None:
             self.last_event_time.labels(service).set(result.newest_event_time.timestamp())
         self._observe_output(service, result)
+
+    def watch_cache(self, service: str, store) -> None:
+        """Export the size of `store`'s cache, read at each scrape."""
+        self.cache_bytes.labels(service).set_function(lambda: store.packed_bytes)
+        self.cache_documents.labels(service).set_function(lambda: len(store.cache))

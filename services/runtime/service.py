@@ -83,6 +83,7 @@ class ServiceHost:
             self.store = spec.make_store(self.db, spec.codec)
         else:
             self.store = StateStore(self.db[spec.state_collection], codec=spec.codec)
+        self.metrics.watch_cache(spec.name, self.store)
         self.publisher = KafkaPublisher(common)
         self.broker = make_broker(common, spec.name, self.registry)
         physical = [common.topic(t) for t in spec.consumes]

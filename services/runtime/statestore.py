@@ -223,6 +223,7 @@ class StateStore:
         # (notify's delivery round keeps its documents while messages are out) and change it
         # later: the next `load` must return that same object, not a second copy from the cache.
         self._live: weakref.WeakValueDictionary[str, CustomerDoc] = weakref.WeakValueDictionary()
+        self.packed_bytes = 0  # of the packed entries in `cache` (exported as crm_state_cache_bytes)
         self.cache_size = cache_size
         self.codec: Codec = codec or PlainCodec()
         self.schedule = Schedule()
@@ -232,6 +233,21 @@ class StateStore:
     def drop_cache(self) -> None:
         self.cache.clear()
         self._live.clear()
+        self.packed_bytes = 0
+
+    def _set(self, cid: str, entry: CustomerDoc | bytes) -> None:
+        """Replace or add a cache entry (keeping its place), counting packed bytes."""
+        old = self.cache.get(cid)
+        if isinstance(old, bytes):
+            self.packed_bytes -= len(old)
+        if isinstance(entry, bytes):
+            self.packed_bytes += len(entry)
+        self.cache[cid] = entry
+
+    def _forget(self, cid: str) -> None:
+        old = self.cache.pop(cid, None)
+        if isinstance(old, bytes):
+            self.packed_bytes -= len(old)
         self.schedule.clear()
         self.complete = False
 
@@ -247,7 +263,7 @@ class StateStore:
                     return None
         for cid, d in found.items():
             if cid not in self.cache:  # loaded meanwhile (notify's deliveries run beside batches): newer
-                self.cache[cid] = CustomerDoc.from_doc(d, self.codec).pack()
+                self._set(cid, CustomerDoc.from_doc(d, self.codec).pack())
         self.complete = True
         return len(found)
 
@@ -275,7 +291,7 @@ class StateStore:
             if entry is None:
                 self._cache_put(cid, doc)  # evicted while held: the held object is the newest state
             else:
-                self.cache[cid] = doc
+                self._set(cid, doc)
                 self.cache.move_to_end(cid)
             self._live[cid] = doc
             out[cid] = doc
@@ -295,12 +311,12 @@ class StateStore:
         """Pack the cached documents their user is done with (written and published)."""
         for doc in docs:
             if not doc.dirty and self.cache.get(doc.customer_id) is doc:
-                self.cache[doc.customer_id] = doc.pack()
+                self._set(doc.customer_id, doc.pack())
 
     def _cache_put(self, cid: str, doc: CustomerDoc) -> None:
-        self.cache[cid] = doc
+        self._set(cid, doc)
         while len(self.cache) > self.cache_size:
-            self.cache.popitem(last=False)
+            self._forget(next(iter(self.cache)))
             self.complete = False  # the evicted document is in the store only now
 
     async def save(self, docs: Iterable[CustomerDoc]) -> int:
@@ -319,7 +335,7 @@ class StateStore:
         except (OperationFailure, *TRANSIENT_STORE_ERRORS):
             # The cached copies are now ahead of the store; forget them so the retry reloads.
             for doc in dirty:
-                self.cache.pop(doc.customer_id, None)
+                self._forget(doc.customer_id)
                 self._live.pop(doc.customer_id, None)
             self.complete = False  # they must be read again
             raise

@@ -33,6 +33,7 @@ class Snapshot:
     down: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
     partitions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    cache_bytes: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_lag(self) -> float:
@@ -84,6 +85,8 @@ def _fold(snap: Snapshot, service: str, name: str, labels: dict[str, str], value
         snap.dead_letters[(service, labels.get("topic", "?"))] += value
     elif name == "crm_clock_timestamp_seconds":
         snap.clock[service] = value
+    elif name == "crm_state_cache_bytes":
+        snap.cache_bytes[service] = value
     elif name == "crm_service_ready":
         snap.ready[service] = value == 1
     elif name == "crm_profile_customers":

@@ -125,6 +125,7 @@ def test_a_real_prometheus_scrapes_every_service_and_loads_the_rules(crm_up, tmp
         "count by (service) (crm_consumer_lag)": 4,
         "sum by (service) (crm_store_writes_total)": 4,
         "count by (service) (crm_batch_seconds_bucket)": 4,
+        "crm_state_cache_bytes > 0": 4,
         "crm_profile_customers": 1,
         "crm_loyalty_points_total": 1,
         "crm_churn_customers": 1,

@@ -210,20 +210,22 @@ async def test_the_cache_packs_settled_documents_and_hands_a_held_one_out_as_the
     assert store.cache["c1"] is doc  # dirty: not written yet, so not packed
     await store.save([doc])
     store.settle([doc])
-    assert isinstance(store.cache["c1"], bytes)
+    assert isinstance(store.cache["c1"], bytes) and store.packed_bytes == len(store.cache["c1"]) > 0
     # Still held (notify keeps its documents while messages are out) and changed later: the
     # next load must see that change, so it returns the held object, not a copy of the cache.
     doc.state = {"points": 7}
     again = (await store.load(["c1"]))["c1"]
-    assert again is doc and store.cache["c1"] is doc
+    assert again is doc and store.cache["c1"] is doc and store.packed_bytes == 0
     await store.save([doc])  # not dirty: nothing to write, but settle packs the newest state
     store.settle([doc])
     del doc, again
     gc.collect()
     fresh = (await store.load(["c1"]))["c1"]
     assert fresh.state == {"points": 7} and fresh.rev == 1
+    store.settle([fresh])
+    assert store.packed_bytes == len(store.cache["c1"])
     store.drop_cache()
-    assert not store.cache and not store._live
+    assert not store.cache and not store._live and store.packed_bytes == 0
 
 
 def test_the_schedule_heap_stays_near_the_number_of_customers_when_due_times_keep_moving():
