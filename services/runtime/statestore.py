@@ -234,6 +234,8 @@ class StateStore:
         self.cache.clear()
         self._live.clear()
         self.packed_bytes = 0
+        self.schedule.clear()
+        self.complete = False
 
     def _set(self, cid: str, entry: CustomerDoc | bytes) -> None:
         """Replace or add a cache entry (keeping its place), counting packed bytes."""
@@ -248,8 +250,6 @@ class StateStore:
         old = self.cache.pop(cid, None)
         if isinstance(old, bytes):
             self.packed_bytes -= len(old)
-        self.schedule.clear()
-        self.complete = False
 
     async def warm(self, owns: Callable[[str], bool]) -> int | None:
         """Cache every stored document this consumer owns (one scan); how many, or None if they

@@ -224,8 +224,19 @@ async def test_the_cache_packs_settled_documents_and_hands_a_held_one_out_as_the
     assert fresh.state == {"points": 7} and fresh.rev == 1
     store.settle([fresh])
     assert store.packed_bytes == len(store.cache["c1"])
+    store.schedule.set("c1", datetime(2026, 2, 1, tzinfo=UTC))
+    store.schedule.stale = False
+    # Eviction makes the cache incomplete (the evicted document is in the store only) and
+    # nothing else: the schedule in memory stays.
+    store.cache_size = 1
+    await store.load(["c2"])
+    assert list(store.cache) == ["c2"] and not store.complete and store.packed_bytes == 0
+    assert not store.schedule.stale and store.schedule.due == {"c1": datetime(2026, 2, 1, tzinfo=UTC)}
+    # A rebalance: another consumer may own these customers now.
+    store.complete = True
     store.drop_cache()
     assert not store.cache and not store._live and store.packed_bytes == 0
+    assert not store.complete and store.schedule.stale and not store.schedule.due
 
 
 def test_the_schedule_heap_stays_near_the_number_of_customers_when_due_times_keep_moving():
