@@ -326,18 +326,20 @@ async def e2e(stack, state, events: list, log) -> dict:
         fleet.stop()
 
 
-async def _store_writes(fleet: Fleet) -> dict[str, float]:
+async def _store_writes(fleet: Fleet) -> dict[str, dict[str, float]]:
+    """Documents written per service, by cause ("events": batches; "time": sweeps, notify's rounds)."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    out = {}
+    out: dict[str, dict[str, float]] = {}
     async with httpx.AsyncClient() as client:
         for name, port in fleet.ports.items():
             text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-            out[name] = sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("crm_store_writes_total{")
-            )
+            causes = out[name] = {"events": 0.0, "time": 0.0}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "crm_store_writes_total":
+                        causes[sample.labels["cause"]] = causes.get(sample.labels["cause"], 0.0) + sample.value
     return out
 
 
@@ -643,10 +645,11 @@ async def _measure(
     replay_s = None if quick else await full_replay(stack, state, log)
     soaked = await soak(stack, state, run_e2e["events_per_s"] / 2, soak_s, log) if soak_s > 0 else None
     purchases = sum(1 for e in events if e.type == "PurchaseCompleted")
-    writes_per_event = {s: run_e2e["writes"][s] / max(run_e2e["consumed"].get(s, 0), 1) for s in SERVICES}
+    writes = {s: sum(run_e2e["writes"][s].values()) for s in SERVICES}
+    writes_per_event = {s: writes[s] / max(run_e2e["consumed"].get(s, 0), 1) for s in SERVICES}
     # W: store writes per shop event across the services (notify's counted against the shop events
     # that caused its work, since it consumes derived events only).
-    w = sum(run_e2e["writes"].values()) / run_e2e["events"]
+    w = sum(writes.values()) / run_e2e["events"]
     e2e_rate = run_e2e["events_per_s"]
     return {
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0], "platform": sys.platform},
@@ -662,6 +665,11 @@ async def _measure(
         "latency_offered_events_per_s": round(lat["offered_events_per_s"], 1),
         "latency_messages": lat["messages"],
         "store_ops_per_1000_events": {s: round(v * 1000, 1) for s, v in writes_per_event.items()},
+        # The same, split by what caused the writes: consumed events, or time (sweeps, notify's rounds).
+        "store_ops_per_1000_events_by_cause": {
+            s: {c: round(1000 * n / max(run_e2e["consumed"].get(s, 0), 1), 1) for c, n in run_e2e["writes"][s].items()}
+            for s in SERVICES
+        },
         "store_writes_per_shop_event_W": round(w, 3),
         "rss_mb_peak": run_e2e["rss_mb_peak"],
         "cdnow_replay_seconds": None if replay_s is None else round(replay_s, 1),

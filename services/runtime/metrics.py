@@ -47,7 +47,11 @@ class PipelineMetrics:
             "crm_events_published", "Derived events published", ["service", "topic", "type"], registry=registry
         )
         self.store_writes = Counter(
-            "crm_store_writes", "Documents written to the store", ["service"], registry=registry
+            "crm_store_writes",
+            "Documents written to the store, by what caused the write (consumed events, or time: sweeps and "
+            "notify's delivery rounds)",
+            ["service", "cause"],
+            registry=registry,
         )
         self.batch_seconds = Histogram(
             "crm_batch_seconds",
@@ -97,17 +101,17 @@ class PipelineMetrics:
         # Service-specific metrics derived from what a service publishes (e.g. win-backs per ladder step).
         self.on_derived: list[Callable[[Any], None]] = []
 
-    def _observe_output(self, service: str, result) -> None:
+    def _observe_output(self, service: str, result, cause: str) -> None:
         for ev in result.derived:
             self.published.labels(service, ev.TOPIC, ev.type).inc()
             for listener in self.on_derived:
                 listener(ev)
         if result.docs_written:
-            self.store_writes.labels(service).inc(result.docs_written)
+            self.store_writes.labels(service, cause).inc(result.docs_written)
 
     def observe_sweep(self, service: str, result, visited: int) -> None:
         self.swept.labels(service).inc(visited)
-        self._observe_output(service, result)
+        self._observe_output(service, result, "time")
 
     def observe_batch(self, service: str, result, records, seconds: float) -> None:
         self.batch_seconds.labels(service).observe(seconds)
@@ -120,7 +124,7 @@ class PipelineMetrics:
             self.dead_letters.labels(service, dl.record.topic).inc()
         if result.newest_event_time is not None:
             self.last_event_time.labels(service).set(result.newest_event_time.timestamp())
-        self._observe_output(service, result)
+        self._observe_output(service, result, "events")
 
     def watch_cache(self, service: str, store) -> None:
         """Export the size of `store`'s cache, read at each scrape."""
