@@ -44,7 +44,7 @@ from services.runtime.crypto import LookupHasher
 from services.runtime.lookups import LookupStateStore
 from services.runtime.pipeline import BatchResult
 from services.runtime.records import DeadLetter, Record
-from services.runtime.statestore import Codec, CustomerDoc, OutboxEntry, Schedule, with_backoff
+from services.runtime.statestore import Codec, CustomerDoc, Schedule, with_backoff
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class Deliverer:
                 for cid, doc in docs.items():
                     if doc.state is not None:
                         state, derived = domain.revisit(doc.state, cid, now)
-                        _take(doc, state, derived)
+                        doc.take(state, derived)
                         result.derived.extend(derived)
                 jobs = [(doc, job) for cid, doc in docs.items() for job in domain.queued(doc.state, cid)]
                 snapshots = {doc.customer_id: doc.state for doc, _ in jobs}
@@ -320,7 +320,7 @@ class Deliverer:
             doc = docs[job.customer_id]
             pending = self.domain.pending(doc.state, job)
             state, derived = self.domain.record(doc.state, job, outcome, at)
-            _take(doc, state, derived)
+            doc.take(state, derived)
             result.derived.extend(derived)
             if isinstance(outcome, Failed) and not outcome.unreachable and pending:
                 dead.append(self._dead_letter(doc, job, outcome))
@@ -407,11 +407,3 @@ class Deliverer:
         topic = self.host.common.topic(job.data["topic"])
         rec = Record(topic, -1, -1, doc.customer_id.encode(), job.data["raw"].encode())
         return DeadLetter(rec, f"delivery failed on {job.channel}: {outcome.error}", "notify")
-
-
-def _take(doc: CustomerDoc, state, derived) -> None:
-    if state is doc.state and not derived:
-        return
-    doc.state, doc.dirty = state, True
-    for d in derived:
-        doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))

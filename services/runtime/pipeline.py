@@ -300,11 +300,8 @@ class Pipeline:
         finally:
             customer_id_var.reset(token_c)
         doc.due = self._due(state, now) if self._due else None
-        if state is doc.state and not derived:
+        if not doc.take(state, derived):
             return False
-        doc.state, doc.dirty = state, True
-        for d in derived:
-            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
         result.derived.extend(derived)
         result.applied += 1
         return True
@@ -330,14 +327,12 @@ class Pipeline:
             customer_id_var.reset(token_c)
         if state is not doc.state:
             changed_at = now
-        doc.state = state
+        doc.take(state, derived)
         if self._erasing and isinstance(event, self._erasing):
             result.erased.add(doc.customer_id)
         doc.remember(eid, self.dedup_window)
-        for d in derived:
-            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
         result.derived.extend(derived)
-        doc.dirty = True
+        doc.dirty = True  # also when nothing changed: the event's id joins the dedup window
         result.applied += 1
         return changed_at
 
@@ -357,12 +352,7 @@ class Pipeline:
         except Exception:
             log.exception("tick before an event failed; the sweep retries it")
             return False
-        if state is doc.state and not derived:
-            return False
-        doc.state, doc.dirty = state, True
-        for d in derived:
-            doc.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
-        return True
+        return doc.take(state, derived)
 
     async def publish(self, docs, dead_letters: list[DeadLetter]) -> int:
         """Send the docs' pending outbox entries and these dead letters; mark the entries published.

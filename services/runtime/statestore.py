@@ -42,7 +42,7 @@ import pickle
 import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -139,6 +139,16 @@ class CustomerDoc:
         state, seen, pending, rev, due, meta = pickle.loads(zlib.decompress(packed))
         return cls(customer_id, state, seen, set(seen), [OutboxEntry(*e) for e in pending], set(), rev, due,
                    False, meta)  # fmt: skip
+
+    def take(self, state: dict[str, Any] | None, derived: Sequence[Any]) -> bool:
+        """Adopt a domain's result: the new state, and its derived events in the outbox. False, and
+        nothing changes, when the state is the same object and nothing was derived."""
+        if state is self.state and not derived:
+            return False
+        self.state, self.dirty = state, True
+        for d in derived:
+            self.outbox.append(OutboxEntry(d.TOPIC, str(d.event_id), d.to_bytes(), d.key()))
+        return True
 
     def has_seen(self, event_id: str) -> bool:
         return event_id in self.seen_set

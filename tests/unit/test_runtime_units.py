@@ -291,3 +291,15 @@ async def test_what_a_batch_makes_due_is_ticked_into_that_batch_s_write():
     assert len(docs["c2"].state["held"]) == 1 and docs["c2"].state["balance"] == 0  # day 6: still ahead
     assert "PointsEarned" in [e.type for e in result.derived]
     assert result.docs_written == 2 and len(collection.written) == 2
+
+
+def test_a_document_takes_a_domain_result_only_when_something_changed():
+    from services.bench import _survey
+
+    state = {"n": 1}
+    doc = CustomerDoc("c1", state=state)
+    assert not doc.take(state, []) and not doc.dirty and doc.state is state
+    event = _survey("c1", datetime(2026, 1, 2, tzinfo=UTC), 4)
+    assert doc.take(state, [event]) and doc.dirty  # same state, but an event to publish
+    assert [(e.topic, e.event_id, e.key) for e in doc.pending()] == [(event.TOPIC, str(event.event_id), b"c1")]
+    assert doc.take({"n": 2}, []) and doc.state == {"n": 2}
