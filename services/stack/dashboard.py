@@ -186,13 +186,18 @@ def status_line(snap: Snapshot, per_second: dict[str, float], headline: str) -> 
 
 
 def scrape(ports: dict[str, int], timeout: float = 2.0) -> dict[str, str | None]:
-    import httpx
+    # The standard library's client: httpx.get builds an SSL context (loading the CA bundle) for
+    # every call, even for plain HTTP, which made the bench's 4-per-second polling the largest
+    # CPU cost of its own process, taken from the services it measures (py-spy, e2e phase).
+    from http.client import HTTPException
+    from urllib.error import URLError
+    from urllib.request import urlopen
 
     texts: dict[str, str | None] = {}
     for name, port in ports.items():
         try:
-            response = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=timeout)
-            texts[name] = response.text if response.status_code == 200 else None
-        except httpx.HTTPError:
+            with urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+                texts[name] = response.read().decode() if response.status == 200 else None
+        except (URLError, HTTPException, OSError, ValueError):
             texts[name] = None
     return texts
