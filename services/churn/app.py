@@ -21,6 +21,7 @@ from services.churn.store import ChurnStore
 from services.runtime import versions
 from services.runtime.clock import EPOCH, Clock
 from services.runtime.http import require_token
+from services.runtime.metrics import TallyCollector
 from services.runtime.service import ServiceHost, ServiceSpec
 from services.runtime.settings import CommonSettings
 
@@ -107,7 +108,7 @@ class LadderMetrics:
 
 
 class ModelMaintenance:
-    """Refits the risk model now and then (event time), adopts other replicas' fits, exports band sizes.
+    """Refits the risk model now and then (event time) and adopts other replicas' fits.
 
     A new model is not pushed through every customer at once: each customer meets it at
     their next event or scheduled check (at most 60 days of clock time away).
@@ -120,7 +121,6 @@ class ModelMaintenance:
         self._last_wall = 0.0
 
     async def __call__(self, host: ServiceHost) -> None:
-        bands = Gauge("crm_churn_customers", "Customers per risk band", ["band"], registry=host.registry)
         version = Gauge("crm_churn_model_version", "Risk model version in use", registry=host.registry)
         ll = Gauge(
             "crm_churn_model_log_likelihood", "BG/NBD log-likelihood of the model in use", registry=host.registry
@@ -134,18 +134,8 @@ class ModelMaintenance:
             version.set(self.domain.model.version)
             ll.set(self.domain.model.params.log_likelihood)
 
-        async def export() -> None:
-            counts = await self.store.counts()
-            bands.clear()
-            for band, n in counts["bands"].items():
-                bands.labels(band).set(n)
-
         await versions.maintain(
-            "model maintenance",
-            step,
-            export,
-            interval_s=min(5.0, max(self.settings.refit_min_wall_s, 1.0)),
-            export_interval_s=self.settings.band_export_interval_s,
+            "model maintenance", step, interval_s=min(5.0, max(self.settings.refit_min_wall_s, 1.0))
         )
 
     async def step(self, host: ServiceHost) -> None:
@@ -217,4 +207,9 @@ def build(
     )
     host.metrics.on_derived.append(LadderMetrics(host.registry))
     host.background.append(ModelMaintenance(host.store, domain, settings))  # type: ignore[arg-type]
+    host.registry.register(
+        TallyCollector(
+            "crm_churn_customers", "Customers per risk band", host.store.tally, dimension="bands", label="band"
+        )
+    )
     return host

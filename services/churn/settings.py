@@ -41,7 +41,6 @@ class ChurnSettings(ServiceSettings):
     refit_min_wall_s: float = Field(60.0, ge=0, description="...and no more often than this (replays)")
     refit_min_customers: int = Field(200, ge=20, description="customers with 90 days of history needed to fit")
     history_days: int = Field(400, ge=200, description="purchase and interaction days kept per customer")
-    band_export_interval_s: float = Field(30.0, gt=0, description="band-size gauges refresh (a full scan)")
 
     @model_validator(mode="after")
     def _ordered(self) -> ChurnSettings:

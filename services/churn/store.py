@@ -10,14 +10,23 @@ from services.churn.domain import history, new_state
 from services.churn.model import RiskModel
 from services.churn.signals import History
 from services.runtime import versions
-from services.runtime.statestore import Codec, StateStore
+from services.runtime.statestore import Codec, Labels, StateStore, Tally
 
 HISTORY_FIELDS = ("first", "purchase_days", "spend", "touches", "complaints", "low_scores")
 
 
+def band_labels(s: dict[str, Any] | None) -> Labels:
+    """The risk band ("no_purchase": known from other events only) and the retention ladder step."""
+    s = s or {}
+    return (
+        ("bands", (s.get("risk") or {}).get("band") or "no_purchase"),
+        ("ladder_steps", str((s.get("ladder") or {}).get("step", 0))),
+    )
+
+
 class ChurnStore(StateStore):
     def __init__(self, db: AsyncDatabase, codec: Codec | None = None):
-        super().__init__(db["customers"], codec=codec)
+        super().__init__(db["customers"], codec=codec, tally=Tally(["s.risk.band", "s.ladder.step"], band_labels))
         self.models = db["risk_models"]
 
     async def read(self, customer_id: str) -> dict[str, Any] | None:
@@ -48,9 +57,6 @@ class ChurnStore(StateStore):
         """Customers per risk band and per retention ladder step (one projection scan)."""
         out: dict[str, dict[str, int]] = {"bands": {}, "ladder_steps": {}}
         async for d in self.collection.find({}, {"s.risk.band": 1, "s.ladder.step": 1}):
-            s = d.get("s") or {}
-            band = (s.get("risk") or {}).get("band") or "no_purchase"  # known from other events only
-            step = str((s.get("ladder") or {}).get("step", 0))
-            out["bands"][band] = out["bands"].get(band, 0) + 1
-            out["ladder_steps"][step] = out["ladder_steps"].get(step, 0) + 1
+            for dim, key in band_labels(d.get("s")):
+                out[dim][key] = out[dim].get(key, 0) + 1
         return out

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from datetime import date
 from decimal import Decimal
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -20,6 +18,7 @@ from services.loyalty.settings import LoyaltySettings
 from services.loyalty.store import LoyaltyStore
 from services.runtime.clock import Clock
 from services.runtime.http import require_token
+from services.runtime.metrics import TallyCollector
 from services.runtime.service import ServiceHost, ServiceSpec
 from services.runtime.settings import CommonSettings
 
@@ -79,7 +78,6 @@ class LoyaltyMetrics:
         self.points = Counter(
             "crm_loyalty_points_total", "Points issued, redeemed, expired and reversed", ["kind"], registry=registry
         )
-        self.tiers = Gauge("crm_loyalty_accounts", "Accounts per tier", ["tier"], registry=registry)
         self.rejected = Counter(
             "crm_loyalty_redemptions_rejected_total", "Redemptions refused, by reason", ["reason"], registry=registry
         )
@@ -90,20 +88,6 @@ class LoyaltyMetrics:
             self.points.labels(kind).inc(ev.data.points)
         elif ev.type == "RedemptionRejected":
             self.rejected.labels(ev.data.reason).inc()
-
-
-def tier_export(metrics: LoyaltyMetrics, interval_s: float):
-    async def job(host: ServiceHost) -> None:
-        while True:
-            with contextlib.suppress(Exception):
-                counts = await host.store.tiers()  # type: ignore[attr-defined]
-                metrics.tiers.clear()
-                for tier, n in counts.items():
-                    metrics.tiers.labels(tier).set(n)
-            await asyncio.sleep(interval_s)
-
-    job.__name__ = "tier_export"
-    return job
 
 
 def build(
@@ -123,5 +107,7 @@ def build(
     )
     metrics = LoyaltyMetrics(host.registry)
     host.metrics.on_derived.append(metrics)
-    host.background.append(tier_export(metrics, settings.tier_export_interval_s))
+    host.registry.register(
+        TallyCollector("crm_loyalty_accounts", "Accounts per tier", host.store.tally, dimension="tier", label="tier")
+    )
     return host

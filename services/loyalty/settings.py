@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.loyalty.rules import DEFAULT_RULES, Rules, load_rules
@@ -22,7 +21,6 @@ class LoyaltySettings(ServiceSettings):
     group_id: str = "crm-loyalty"
     database: str = "loyalty"
     rules_file: Path = DEFAULT_RULES
-    tier_export_interval_s: float = Field(30.0, gt=0, description="refresh of the accounts-per-tier gauge (a scan)")
 
     def rules(self) -> Rules:
         return load_rules(self.rules_file)

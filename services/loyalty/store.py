@@ -7,12 +7,16 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from services.runtime.statestore import StateStore
+from services.runtime.statestore import Labels, StateStore, Tally
+
+
+def tier_labels(s: dict[str, Any] | None) -> Labels:
+    return (("tier", (s or {}).get("tier") or "none"),)
 
 
 class LoyaltyStore(StateStore):
     def __init__(self, db: AsyncDatabase):
-        super().__init__(db["accounts"])
+        super().__init__(db["accounts"], tally=Tally(["s.tier"], tier_labels))
 
     async def read(self, customer_id: str) -> dict[str, Any] | None:
         d = await self.collection.find_one({"_id": customer_id}, {"s": 1})
@@ -24,8 +28,9 @@ class LoyaltyStore(StateStore):
             yield d["_id"], d["s"]
 
     async def tiers(self) -> dict[str, int]:
+        """Accounts per tier, over the whole collection (one projection scan)."""
         out: dict[str, int] = {}
         async for d in self.collection.find({}, {"s.tier": 1}):
-            tier = (d.get("s") or {}).get("tier") or "none"
+            ((_, tier),) = tier_labels(d.get("s"))
             out[tier] = out.get(tier, 0) + 1
         return out

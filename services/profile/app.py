@@ -6,7 +6,6 @@ import logging
 import time
 from datetime import datetime, timedelta
 
-from prometheus_client import Gauge
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -22,6 +21,7 @@ from services.runtime import versions
 from services.runtime.clock import EPOCH, Clock
 from services.runtime.crypto import ContactCodec, LookupHasher, make_cipher
 from services.runtime.http import require_token
+from services.runtime.metrics import TallyCollector
 from services.runtime.service import ServiceHost, ServiceSpec
 from services.runtime.settings import CommonSettings
 
@@ -82,31 +82,22 @@ def routes(host: ServiceHost, store: ProfileStore, rules: ProfileRules, token: s
 
 
 class SegmentMaintenance:
-    """Recomputes RFM breakpoints now and then, adopts other replicas' versions, exports segment sizes."""
+    """Recomputes RFM breakpoints now and then and adopts other replicas' versions."""
 
     def __init__(self, store: ProfileStore, domain: ProfileDomain, settings: ProfileSettings):
         self.store = store
         self.domain = domain
         self.settings = settings
         self._last_wall = 0.0
-        self.gauge: Gauge | None = None
 
     async def __call__(self, host: ServiceHost) -> None:
-        self.gauge = Gauge(
-            "crm_profile_customers",
-            "Customers per segment, lifecycle stage and value tier",
-            ["dimension", "value"],
-            registry=host.registry,
-        )
         latest = await self.store.latest_breakpoints()
         if latest is not None:
             self.domain.breakpoints = latest
         await versions.maintain(
             "segment maintenance",
             lambda: self.step(host),
-            self._export,
             interval_s=min(5.0, max(self.settings.rfm_refresh_min_wall_s, 1.0)),
-            export_interval_s=self.settings.segment_export_interval_s,
         )
 
     async def step(self, host: ServiceHost) -> None:
@@ -144,14 +135,6 @@ class SegmentMaintenance:
             self.store.schedule.touch_all(now)
         log.info("RFM breakpoints version %d in use (%d customers)", bp.version, bp.customers)
 
-    async def _export(self) -> None:
-        counts = await self.store.counts()
-        assert self.gauge is not None
-        self.gauge.clear()
-        for dim, values in counts.items():
-            for value, n in values.items():
-                self.gauge.labels(dim, value).set(n)
-
 
 def build(
     common: CommonSettings | None = None, settings: ProfileSettings | None = None, clock: Clock | None = None
@@ -177,4 +160,9 @@ def build(
         routes=lambda h: routes(h, h.store, rules, settings.api_token.get_secret_value()),
     )
     host.background.append(SegmentMaintenance(host.store, domain, settings))  # type: ignore[arg-type]
+    host.registry.register(
+        TallyCollector(
+            "crm_profile_customers", "Customers per segment, lifecycle stage and value tier", host.store.tally
+        )
+    )
     return host

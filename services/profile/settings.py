@@ -31,7 +31,6 @@ class ProfileSettings(ServiceSettings):
     rfm_refresh_min_wall_s: float = Field(30.0, ge=0, description="...and no more often than this (replays)")
     rfm_min_customers: int = Field(100, ge=5, description="population needed before breakpoints are computed")
     rfm_min_history_days: float = Field(180.0, ge=0, description="purchase history needed for recency cut points")
-    segment_export_interval_s: float = Field(30.0, gt=0, description="segment-size gauges refresh (a full scan)")
     value_tier_quantiles: tuple[float, float, float] = (0.40, 0.75, 0.95)
 
     default_cadence_days: float = Field(90.0, gt=0)

@@ -16,14 +16,29 @@ from services.profile.domain import net_spend, primary_currency
 from services.runtime import versions
 from services.runtime.crypto import LookupHasher
 from services.runtime.lookups import LookupStateStore
-from services.runtime.statestore import Codec
+from services.runtime.statestore import Codec, Labels, Tally
 
 log = logging.getLogger(__name__)
 
 
+SEGMENT_FIELDS = ("s.rfm.segment", "s.stage", "s.value_tier")
+
+
+def segment_labels(s: dict | None) -> Labels:
+    """The customer's segment, lifecycle stage and value tier ("none" where not known yet)."""
+    s = s or {}
+    return (
+        ("segments", (s.get("rfm") or {}).get("segment") or "none"),
+        ("stages", s.get("stage") or "none"),
+        ("value_tiers", s.get("value_tier") or "none"),
+    )
+
+
 class ProfileStore(LookupStateStore):
     def __init__(self, db: AsyncDatabase, codec: Codec | None, hasher: LookupHasher):
-        super().__init__(db["customers"], db["contact_lookup"], hasher, codec)
+        super().__init__(
+            db["customers"], db["contact_lookup"], hasher, codec, tally=Tally(SEGMENT_FIELDS, segment_labels)
+        )
         self.breakpoints = db["rfm_breakpoints"]
 
     async def population(self, now: datetime) -> tuple[list[rfm.PopulationRow], float]:
@@ -62,14 +77,7 @@ class ProfileStore(LookupStateStore):
         """Customers per segment, lifecycle stage and value tier: one projection scan, counted here
         (one pass instead of an aggregation per dimension)."""
         out: dict[str, dict[str, int]] = {"segments": {}, "stages": {}, "value_tiers": {}}
-        projection = {"s.rfm.segment": 1, "s.stage": 1, "s.value_tier": 1}
-        async for d in self.collection.find({}, projection):
-            s = d.get("s") or {}
-            for dim, value in (
-                ("segments", (s.get("rfm") or {}).get("segment")),
-                ("stages", s.get("stage")),
-                ("value_tiers", s.get("value_tier")),
-            ):
-                key = value or "none"
+        async for d in self.collection.find({}, dict.fromkeys(SEGMENT_FIELDS, 1)):
+            for dim, key in segment_labels(d.get("s")):
                 out[dim][key] = out[dim].get(key, 0) + 1
         return {dim: dict(sorted(v.items(), key=lambda kv: -kv[1])) for dim, v in out.items()}

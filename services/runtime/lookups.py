@@ -16,14 +16,19 @@ from pymongo import DeleteOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 
 from services.runtime.crypto import LookupHasher, normalise_email
-from services.runtime.statestore import Codec, CustomerDoc, StateStore
+from services.runtime.statestore import Codec, CustomerDoc, StateStore, Tally
 
 
 class LookupStateStore(StateStore):
     def __init__(
-        self, collection: AsyncCollection, lookups: AsyncCollection, hasher: LookupHasher, codec: Codec | None
+        self,
+        collection: AsyncCollection,
+        lookups: AsyncCollection,
+        hasher: LookupHasher,
+        codec: Codec | None,
+        tally: Tally | None = None,
     ):
-        super().__init__(collection, codec=codec)
+        super().__init__(collection, codec=codec, tally=tally)
         self.lookups = lookups
         self.hasher = hasher
 

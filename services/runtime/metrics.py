@@ -31,6 +31,31 @@ class LagCollector(Collector):
         yield g
 
 
+class TallyCollector(Collector):
+    """Customers per label from a store's tally (services.runtime.statestore.Tally), read at scrape
+    time: no store access. Each replica reports the customers it owns; sum over instances for the
+    totals. Nothing is reported until the tally has been counted since the last assignment.
+
+    Labels are (dimension, value), or only the value when `dimension` picks one of the tally's.
+    """
+
+    def __init__(self, name: str, documentation: str, tally, *, dimension: str | None = None, label: str = ""):
+        self.name, self.documentation = name, documentation
+        self.tally, self.dimension = tally, dimension
+        self.labels = [label] if dimension is not None else ["dimension", "value"]
+
+    def collect(self):
+        g = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for dim, values in (self.tally.snapshot() or {}).items():
+            if self.dimension is None:
+                for value, n in values.items():
+                    g.add_metric([dim, value], n)
+            elif dim == self.dimension:
+                for value, n in values.items():
+                    g.add_metric([value], n)
+        yield g
+
+
 class PipelineMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.registry = registry

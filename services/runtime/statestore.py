@@ -41,7 +41,7 @@ import logging
 import pickle
 import weakref
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -222,10 +222,60 @@ class Schedule:
         return self._heap[0][0] if self._heap else None
 
 
+Labels = tuple[tuple[str, str], ...]
+
+
+class Tally:
+    """How many of the owned customers have each label (segment, tier, risk band...), kept up to
+    date by the writes instead of a collection scan per gauge refresh.
+
+    The invariant: `counts` sums `labels(s)` over the stored documents this consumer owns. The
+    projection scan that rebuilds the schedule after an assignment counts them; every successful
+    write then moves its documents from the labels they were stored with (`meta["tally"]`, set
+    when a document comes from the store, None while a new one is not stored) to their new ones.
+    Scans of 23,570 customers cost the embedded store several seconds each: three of them every
+    30 s kept it busy even while nothing happened. Each replica counts only what it owns, so the
+    totals are the sum over replicas.
+    """
+
+    def __init__(self, fields: Iterable[str], labels: Callable[[dict[str, Any] | None], Labels]):
+        self.projection = {f: 1 for f in fields}
+        self.labels = labels
+        self.counts: Counter[tuple[str, str]] = Counter()
+        self.ready = False  # counted since the last assignment
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.ready = False
+
+    def move(self, old: Labels | None, new: Labels | None) -> None:
+        if old is not None:
+            self.counts.subtract(old)
+        if new is not None:
+            self.counts.update(new)
+
+    def snapshot(self) -> dict[str, dict[str, int]] | None:
+        """{dimension: {value: customers}}; None until counted since the last assignment."""
+        if not self.ready:
+            return None
+        out: dict[str, dict[str, int]] = {}
+        for (dim, value), n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
+            if n:
+                out.setdefault(dim, {})[value] = n
+        return out
+
+
 class StateStore:
     """Loads and saves CustomerDocs for one collection, with a rebalance-scoped cache and schedule."""
 
-    def __init__(self, collection: AsyncCollection, *, cache_size: int = 200_000, codec: Codec | None = None):
+    def __init__(
+        self,
+        collection: AsyncCollection,
+        *,
+        cache_size: int = 200_000,
+        codec: Codec | None = None,
+        tally: Tally | None = None,
+    ):
         self.collection = collection
         # A document in use is kept as an object; `settle` packs it when its user is done.
         self.cache: OrderedDict[str, CustomerDoc | bytes] = OrderedDict()
@@ -237,6 +287,7 @@ class StateStore:
         self.cache_size = cache_size
         self.codec: Codec = codec or PlainCodec()
         self.schedule = Schedule()
+        self.tally = tally
         # True while the cache holds every stored document of the customers this consumer owns.
         self.complete = False
 
@@ -246,6 +297,8 @@ class StateStore:
         self.packed_bytes = 0
         self.schedule.clear()
         self.complete = False
+        if self.tally is not None:
+            self.tally.clear()
 
     def _set(self, cid: str, entry: CustomerDoc | bytes) -> None:
         """Replace or add a cache entry (keeping its place), counting packed bytes."""
@@ -278,11 +331,20 @@ class StateStore:
         return len(found)
 
     async def rebuild_schedule(self, owns: Callable[[str], bool]) -> int:
-        """One projection scan: every customer this consumer owns, with its due time."""
+        """One projection scan: every customer this consumer owns, with its due time (and the
+        labels the tally counts). The caller holds the pipeline lock: no write runs meanwhile."""
         self.schedule.clear()
-        async for d in self.collection.find({}, {"_id": 1, "due": 1}):
+        tally = self.tally
+        projection = {"_id": 1, "due": 1} | (tally.projection if tally is not None else {})
+        if tally is not None:
+            tally.clear()
+        async for d in self.collection.find({}, projection):
             if owns(d["_id"]):
                 self.schedule.set(d["_id"], d.get("due"))
+                if tally is not None:
+                    tally.move(None, tally.labels(d.get("s")))
+        if tally is not None:
+            tally.ready = True
         self.schedule.stale = False
         return len(self.schedule.due)
 
@@ -305,13 +367,21 @@ class StateStore:
                 self.cache.move_to_end(cid)
             self._live[cid] = doc
             out[cid] = doc
+            if self.tally is not None and "tally" not in doc.meta:
+                doc.meta["tally"] = self.tally.labels(doc.state)  # cached unchanged since warm(): as stored
         if missing:
             found = {}
             if not self.complete:
                 async for d in self.collection.find({"_id": {"$in": missing}}):
                     found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
             for cid in missing:
-                doc = found.get(cid) or CustomerDoc(cid)
+                doc = found.get(cid)
+                if doc is None:
+                    doc = CustomerDoc(cid)
+                    if self.tally is not None:
+                        doc.meta["tally"] = None  # not stored: counted at its first write
+                elif self.tally is not None:
+                    doc.meta["tally"] = self.tally.labels(doc.state)
                 out[cid] = doc
                 self._cache_put(cid, doc)
                 self._live[cid] = doc
@@ -348,8 +418,17 @@ class StateStore:
                 self._forget(doc.customer_id)
                 self._live.pop(doc.customer_id, None)
             self.complete = False  # they must be read again
+            if self.tally is not None:
+                self.schedule.stale = True  # some may be written: count again from the store
             raise
         for doc in dirty:
+            if self.tally is not None:
+                new = self.tally.labels(doc.state)
+                if "tally" in doc.meta:
+                    self.tally.move(doc.meta["tally"], new)
+                else:  # not handed out by `load`: what it was stored with is unknown
+                    self.schedule.stale = True
+                doc.meta["tally"] = new
             doc.dirty = False
             doc.outbox = doc.pending()
             doc.published.clear()

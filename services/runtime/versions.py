@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,23 +33,11 @@ async def insert(collection: AsyncCollection, doc: dict[str, Any]) -> dict[str, 
         return await collection.find_one({"_id": doc["_id"]}) or doc
 
 
-async def maintain(
-    what: str,
-    step: Callable[[], Awaitable[None]],
-    export: Callable[[], Awaitable[None]],
-    *,
-    interval_s: float,
-    export_interval_s: float,
-) -> None:
-    """Run `step` every `interval_s` and `export` (gauges from a scan) at most every `export_interval_s`,
-    for ever; a failure is logged and the loop goes on."""
-    exported = 0.0
+async def maintain(what: str, step: Callable[[], Awaitable[None]], *, interval_s: float) -> None:
+    """Run `step` every `interval_s`, for ever; a failure is logged and the loop goes on."""
     while True:
         try:
             await step()
-            if time.monotonic() - exported >= export_interval_s:
-                exported = time.monotonic()
-                await export()
         except Exception:
             log.exception("%s failed; retrying", what)
         await asyncio.sleep(interval_s)

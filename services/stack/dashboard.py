@@ -25,9 +25,9 @@ class Snapshot:
     dead_letters: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     ready: dict[str, bool] = field(default_factory=dict)
     profile: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
-    loyalty_tiers: dict[str, float] = field(default_factory=dict)
+    loyalty_tiers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     points: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    risk_bands: dict[str, float] = field(default_factory=dict)
+    risk_bands: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     notifications: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     clock: dict[str, float] = field(default_factory=dict)
     down: list[str] = field(default_factory=list)
@@ -89,14 +89,16 @@ def _fold(snap: Snapshot, service: str, name: str, labels: dict[str, str], value
         snap.cache_bytes[service] = value
     elif name == "crm_service_ready":
         snap.ready[service] = value == 1
+    # Each replica counts the customers it owns: the totals are sums over the replicas.
     elif name == "crm_profile_customers":
-        snap.profile[labels.get("dimension", "?")][labels.get("value", "?")] = value
+        counts = snap.profile[labels.get("dimension", "?")]
+        counts[labels.get("value", "?")] = counts.get(labels.get("value", "?"), 0.0) + value
     elif name == "crm_loyalty_accounts":
-        snap.loyalty_tiers[labels.get("tier", "?")] = value
+        snap.loyalty_tiers[labels.get("tier", "?")] += value
     elif name == "crm_loyalty_points_total":
         snap.points[labels.get("kind", "?")] += value
     elif name == "crm_churn_customers":
-        snap.risk_bands[labels.get("band", "?")] = value
+        snap.risk_bands[labels.get("band", "?")] += value
     elif name == "crm_notify_notifications_total":
         snap.notifications[(labels.get("channel", "?"), labels.get("outcome", "?"))] += value
 

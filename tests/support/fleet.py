@@ -49,6 +49,9 @@ class Outcome:
     outcomes: dict[str, list[str]] = field(default_factory=dict)  # request id -> notify's outcomes
     namespace: str = ""  # the run's topic prefix (to read its topics again when a comparison fails)
     sms: Counter = field(default_factory=Counter)  # request id -> lines at the gateway (it dedups by idempotency key)
+    # Customers per segment, tier and band: summed over the replicas' gauges, and scanned from the stores.
+    gauges: dict[str, dict] = field(default_factory=dict)
+    stored_counts: dict[str, dict] = field(default_factory=dict)
 
     @property
     def messages(self) -> set[str]:
@@ -185,6 +188,10 @@ class Fleet:
     async def outcome(self) -> Outcome:
         from pymongo import AsyncMongoClient
 
+        from services.churn.store import ChurnStore
+        from services.loyalty.store import LoyaltyStore
+        from services.profile.store import ProfileStore
+
         client = AsyncMongoClient(self.common_env["CRM_MONGO_URL"])
         try:
             prefix = self.common_env["CRM_DB_PREFIX"]
@@ -211,6 +218,11 @@ class Fleet:
                 bands[d["_id"]] = (st.get("risk") or {}).get("band")
                 # What the bands are computed from: every purchase and interaction counted once.
                 history[d["_id"]] = {k: st.get(k) for k in CHURN_HISTORY}
+            stored_counts = {
+                "profile": await ProfileStore(client[f"{prefix}profile"], None, None).counts(),  # type: ignore[arg-type]
+                "loyalty": {"tier": await LoyaltyStore(client[f"{prefix}loyalty"]).tiers()},
+                "churn": {"bands": (await ChurnStore(client[f"{prefix}churn"]).counts())["bands"]},
+            }
         finally:
             await client.close()
         emails: Counter = Counter()
@@ -227,7 +239,17 @@ class Fleet:
             sent = json.loads(line)
             sms[sent["request_id"]] += 1
             about[sent["request_id"]] = f"{sent['customer_id']} sms {sent['body'][:60]}"
-        clocks = {s: datetime.fromtimestamp(t, UTC).isoformat() for s, t in self.snapshot().clock.items()}
+        snap = self.snapshot()
+        clocks = {s: datetime.fromtimestamp(t, UTC).isoformat() for s, t in snap.clock.items()}
+
+        def ints(counts: dict[str, float]) -> dict[str, int]:
+            return {k: int(v) for k, v in counts.items()}
+
+        gauges = {
+            "profile": {dim: ints(values) for dim, values in snap.profile.items()},
+            "loyalty": {"tier": ints(snap.loyalty_tiers)},
+            "churn": {"bands": ints(snap.risk_bands)},
+        }
         return Outcome(
             loyalty,
             profile,
@@ -238,6 +260,8 @@ class Fleet:
             about=about,
             sms=sms,
             churn=history,
+            gauges=gauges,
+            stored_counts=stored_counts,
             namespace=self.namespace,
         )
 

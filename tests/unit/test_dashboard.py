@@ -90,3 +90,17 @@ def test_render_shows_the_figures():
     assert "notify ← crm.care: 1" in out
     line = dashboard.status_line(snap, {"profile": 42.0}, "replay: 9 events")
     assert "42 events/s" in line and "sent 10" in line and "dead letters 1" in line and "down: churn" in line
+
+
+def test_customer_counts_are_summed_over_the_replicas_that_own_them():
+    texts = {}
+    for label, (champions, gold, high) in {"profile-0": (12, 3, 1), "profile-1": (5, 2, 4)}.items():
+        registry = CollectorRegistry()
+        segments = Gauge("crm_profile_customers", "", ["dimension", "value"], registry=registry)
+        segments.labels("segments", "champions").set(champions)
+        Gauge("crm_loyalty_accounts", "", ["tier"], registry=registry).labels("Gold").set(gold)
+        Gauge("crm_churn_customers", "", ["band"], registry=registry).labels("high").set(high)
+        texts[label] = generate_latest(registry).decode()
+    snap = dashboard.parse(texts)
+    assert snap.profile["segments"] == {"champions": 17}
+    assert snap.loyalty_tiers == {"Gold": 5} and snap.risk_bands == {"high": 5}

@@ -303,3 +303,67 @@ def test_a_document_takes_a_domain_result_only_when_something_changed():
     assert doc.take(state, [event]) and doc.dirty  # same state, but an event to publish
     assert [(e.topic, e.event_id, e.key) for e in doc.pending()] == [(event.TOPIC, str(event.event_id), b"c1")]
     assert doc.take({"n": 2}, []) and doc.state == {"n": 2}
+
+
+class _StoredCollection:
+    """Keeps what bulk writes replace, and serves whole documents to scans and `_id $in` reads."""
+
+    def __init__(self, docs=()):
+        self.docs = {d["_id"]: d for d in docs}
+
+    async def bulk_write(self, ops, ordered):
+        for op in ops:
+            self.docs[op._filter["_id"]] = op._doc
+
+    def find(self, query, projection=None):
+        wanted = set(query["_id"]["$in"]) if "_id" in query else None
+
+        async def scan():
+            for d in list(self.docs.values()):
+                if wanted is None or d["_id"] in wanted:
+                    yield d
+
+        return scan()
+
+
+async def test_the_tally_counts_what_is_stored_through_writes_packing_warm_up_and_rebalance():
+    """Gauges come from counts kept by the writes, not from scans: after every step they must equal
+    a fresh count of the stored documents the consumer owns."""
+    import random
+
+    from services.runtime.statestore import StateStore, Tally
+
+    def labels(s):
+        return (("tier", (s or {}).get("tier") or "none"),)
+
+    def owns(cid):
+        return not cid.endswith("9")  # another replica's customers
+
+    tiers = ["Gold", "Silver", None]
+    coll = _StoredCollection({"_id": f"c{i}", "s": {"tier": tiers[i % 3]}, "due": None} for i in range(20))
+    store = StateStore(coll, tally=Tally(["s.tier"], labels))
+
+    async def recount():
+        fresh = StateStore(coll, tally=Tally(["s.tier"], labels))
+        await fresh.rebuild_schedule(owns)
+        return fresh.tally.snapshot()
+
+    assert store.tally.snapshot() is None  # not counted since the assignment: no figures at all
+    await store.rebuild_schedule(owns)
+    assert store.tally.snapshot() == await recount() == {"tier": {"Gold": 6, "Silver": 6, "none": 6}}
+    rng = random.Random(3)
+    for step in range(60):
+        if step == 20:
+            await store.warm(owns)  # cached from the scan, without labels: they are what is stored
+        if step == 40:
+            store.drop_cache()  # a rebalance
+            assert store.tally.snapshot() is None
+            await store.rebuild_schedule(owns)
+        ids = [f"c{rng.randrange(30)}" for _ in range(3)]  # c20.. are new customers
+        docs = await store.load(i for i in ids if owns(i))
+        for doc in docs.values():
+            if rng.random() < 0.7:
+                doc.state, doc.dirty = {"tier": rng.choice(tiers)}, True
+        await store.save(docs.values())
+        store.settle(docs.values())
+        assert store.tally.snapshot() == await recount(), step
