@@ -34,6 +34,17 @@ def test_a_leak_and_a_climbing_lag_are_reported():
     assert steady["lag_bounded"]  # 120 <= 30 + 5 s x 50 events/s
 
 
+def test_growth_beyond_the_cache_leaves_out_what_the_packed_histories_grew():
+    s = samples([100] * 6 + [104, 108, 112, 116], [0] * 10)
+    for i, sample in enumerate(s):
+        sample["cache_mb"] = {"profile": 2.0 + max(0, i - 5) * 3.0}  # 14 MB at the end
+    summary = summarize_soak(s, 50.0, 100, 5000)
+    assert summary["rss_growth_percent"] == {"profile": 11.5}  # 104 -> 116 MB
+    assert summary["rss_growth_beyond_cache_percent"] == {"profile": 2.9}  # 12 MB, of which the cache 9
+    assert not summary["rss_growth_under_10_percent"]  # the goal still counts all of it
+    assert summarize_soak(samples([100] * 10, [0] * 10), 50.0, 100, 5000)["rss_growth_beyond_cache_percent"] is None
+
+
 def test_soak_seconds_are_zero_or_enough_for_samples():
     assert _soak_seconds("0") == 0 and _soak_seconds("600") == 600
     for bad in ("3", "-5", "ten"):
