@@ -147,6 +147,13 @@ class Pipeline:
                 if src not in marks or when > marks[src]:
                     marks[src] = when
                 continue
+            if rec.key is None:
+                # The key decides the partition, and so which replica owns the customer: an event
+                # without one lands anywhere, and a replica that does not own its customer would
+                # write the customer's document beside the one that does.
+                reason = "no message key: the key must be the customer_id (UTF-8)"
+                result.dead_letters.append(DeadLetter(rec, reason, self.service))
+                continue
             try:
                 event = self.registries.get(rec.topic, self.registry).parse(rec.value, rec.key)
             except InvalidMessage as exc:

@@ -73,6 +73,7 @@ def corpus() -> list[Bad]:
         Bad("customer_id with spaces", P, b"bad 1", _j(_purchase(customer_id="bad 1")), "customer_id"),
         Bad("customer_id too long", P, b"c" * 129, _j(_purchase(customer_id="c" * 129)), "customer_id"),
         Bad("key disagrees with customer_id", P, K, _j(wrong_key), "disagrees with customer_id 'bad-2'"),
+        Bad("no key", P, None, _j(_purchase()), "no message key"),
         Bad("unknown envelope field", P, K, _j(_purchase(color="red")), "color"),
         Bad("missing data", P, K, _j(_purchase(data=_DROP)), "data"),
         Bad("data not an object", P, K, _j(_purchase(data=[1])), "data"),
