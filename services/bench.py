@@ -302,8 +302,8 @@ async def e2e(stack, state, stream: list, log) -> dict:
         shop = len(stream)
         started = time.monotonic()
         # As `crm up --replay cdnow --speed max` plays them: day by day, with the shop topics'
-        # watermarks. Without them the event clock moved with whichever partition was behind, and
-        # W (writes per event) changed between runs with how the partitions interleaved.
+        # watermarks. Without them the event clock moved with whichever partition was behind, so
+        # W (writes per event) depended on how the partitions happened to interleave.
         await play(common, stream, seconds_per_day=None)
 
         def consumed_all(s: dashboard.Snapshot) -> bool:

@@ -238,7 +238,13 @@ class ServiceHost:
                     await self.pipeline.seed_clock()
                     await self._warm_cache()
                     if store.schedule.stale:
+                        epoch = self.assignment_epoch
                         n = await store.rebuild_schedule(self.owns)
+                        if self.assignment_epoch != epoch:
+                            # Revoked during the scan (a rebalance that outwaited the lock): part of
+                            # it was judged by the old assignment. Start over at the next pass.
+                            store.drop_cache()
+                            break
                         log.info("schedule rebuilt: %d customers owned", n)
                         if flushed := await self.pipeline.flush_outboxes(self.owns):
                             log.warning("published %d events a crash had left in stored outboxes", flushed)

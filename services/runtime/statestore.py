@@ -233,6 +233,8 @@ class Tally:
     projection scan that rebuilds the schedule after an assignment counts them; every successful
     write then moves its documents from the labels they were stored with (`meta["tally"]`, set
     when a document comes from the store, None while a new one is not stored) to their new ones.
+    A failed write leaves its documents counted as they were until a retry of that write, or
+    their next read from the store, tells what the store holds.
     Scans of 23,570 customers cost the embedded store several seconds each: three of them every
     30 s kept it busy even while nothing happened. Each replica counts only what it owns, so the
     totals are the sum over replicas.
@@ -243,10 +245,27 @@ class Tally:
         self.labels = labels
         self.counts: Counter[tuple[str, str]] = Counter()
         self.ready = False  # counted since the last assignment
+        # Documents whose write failed, with the labels they are counted under: the store may hold
+        # the old or the new state. A retry of the same write settles them; else the next read does.
+        self.unsure: dict[str, Labels | None] = {}
 
     def clear(self) -> None:
         self.counts.clear()
+        self.unsure.clear()
         self.ready = False
+
+    def recounted(self, counts: Counter[tuple[str, str]]) -> None:
+        """Adopt a count of the store (swapped in whole, so the gauges never show a partial one)."""
+        self.counts = counts
+        self.unsure.clear()
+        self.ready = True
+
+    def read(self, customer_id: str, state: dict[str, Any] | None, stored: bool) -> Labels | None:
+        """The labels a document read from the store is stored with (None: not stored)."""
+        labels = self.labels(state) if stored else None
+        if customer_id in self.unsure:
+            self.move(self.unsure.pop(customer_id), labels)
+        return labels
 
     def move(self, old: Labels | None, new: Labels | None) -> None:
         if old is not None:
@@ -336,15 +355,14 @@ class StateStore:
         self.schedule.clear()
         tally = self.tally
         projection = {"_id": 1, "due": 1} | (tally.projection if tally is not None else {})
-        if tally is not None:
-            tally.clear()
+        counts: Counter[tuple[str, str]] = Counter()
         async for d in self.collection.find({}, projection):
             if owns(d["_id"]):
                 self.schedule.set(d["_id"], d.get("due"))
                 if tally is not None:
-                    tally.move(None, tally.labels(d.get("s")))
+                    counts.update(tally.labels(d.get("s")))
         if tally is not None:
-            tally.ready = True
+            tally.recounted(counts)
         self.schedule.stale = False
         return len(self.schedule.due)
 
@@ -368,7 +386,7 @@ class StateStore:
             self._live[cid] = doc
             out[cid] = doc
             if self.tally is not None and "tally" not in doc.meta:
-                doc.meta["tally"] = self.tally.labels(doc.state)  # cached unchanged since warm(): as stored
+                doc.meta["tally"] = self.tally.read(cid, doc.state, True)  # cached by warm(): as stored
         if missing:
             found = {}
             if not self.complete:
@@ -376,12 +394,13 @@ class StateStore:
                     found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
             for cid in missing:
                 doc = found.get(cid)
+                if self.tally is not None:
+                    # None for a new customer: not stored, so counted at its first write.
+                    meta = self.tally.read(cid, doc.state if doc else None, doc is not None)
                 if doc is None:
                     doc = CustomerDoc(cid)
-                    if self.tally is not None:
-                        doc.meta["tally"] = None  # not stored: counted at its first write
-                elif self.tally is not None:
-                    doc.meta["tally"] = self.tally.labels(doc.state)
+                if self.tally is not None:
+                    doc.meta["tally"] = meta
                 out[cid] = doc
                 self._cache_put(cid, doc)
                 self._live[cid] = doc
@@ -419,13 +438,15 @@ class StateStore:
                 self._live.pop(doc.customer_id, None)
             self.complete = False  # they must be read again
             if self.tally is not None:
-                self.schedule.stale = True  # some may be written: count again from the store
+                for doc in dirty:
+                    self.tally.unsure.setdefault(doc.customer_id, doc.meta.get("tally"))
             raise
         for doc in dirty:
             if self.tally is not None:
                 new = self.tally.labels(doc.state)
                 if "tally" in doc.meta:
                     self.tally.move(doc.meta["tally"], new)
+                    self.tally.unsure.pop(doc.customer_id, None)  # a retry of a failed write: settled
                 else:  # not handed out by `load`: what it was stored with is unknown
                     self.schedule.stale = True
                 doc.meta["tally"] = new
