@@ -393,14 +393,11 @@ class StateStore:
                 async for d in self.collection.find({"_id": {"$in": missing}}):
                     found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
             for cid in missing:
-                doc = found.get(cid)
+                stored = found.get(cid)
+                doc = stored or CustomerDoc(cid)
                 if self.tally is not None:
                     # None for a new customer: not stored, so counted at its first write.
-                    meta = self.tally.read(cid, doc.state if doc else None, doc is not None)
-                if doc is None:
-                    doc = CustomerDoc(cid)
-                if self.tally is not None:
-                    doc.meta["tally"] = meta
+                    doc.meta["tally"] = self.tally.read(cid, doc.state, stored is not None)
                 out[cid] = doc
                 self._cache_put(cid, doc)
                 self._live[cid] = doc

@@ -24,7 +24,7 @@ class Snapshot:
     lag: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     dead_letters: dict[tuple[str, str], float] = field(default_factory=lambda: defaultdict(float))
     ready: dict[str, bool] = field(default_factory=dict)
-    profile: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
+    profile: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     loyalty_tiers: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     points: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     risk_bands: dict[str, float] = field(default_factory=lambda: defaultdict(float))
@@ -91,8 +91,7 @@ def _fold(snap: Snapshot, service: str, name: str, labels: dict[str, str], value
         snap.ready[service] = value == 1
     # Each replica counts the customers it owns: the totals are sums over the replicas.
     elif name == "crm_profile_customers":
-        counts = snap.profile[labels.get("dimension", "?")]
-        counts[labels.get("value", "?")] = counts.get(labels.get("value", "?"), 0.0) + value
+        snap.profile[labels.get("dimension", "?")][labels.get("value", "?")] += value
     elif name == "crm_loyalty_accounts":
         snap.loyalty_tiers[labels.get("tier", "?")] += value
     elif name == "crm_loyalty_points_total":
