@@ -422,9 +422,10 @@ class LoyaltyDomain:
 
     # -- tiers -----------------------------------------------------------------
     def qualifying(self, st, today: date) -> Decimal:
-        since = add_months(today, -self.rules.qualifying_months)
+        # ISO dates compare as strings do: no row's date is parsed (this runs for every purchase).
+        since = add_months(today, -self.rules.qualifying_months).isoformat()
         col = 1 if self.rules.qualify_by == "spend" else 2
-        return sum((Decimal(str(row[col])) for row in st["spend"] if date.fromisoformat(row[0]) > since), Decimal(0))
+        return sum((Decimal(str(row[col])) for row in st["spend"] if row[0] > since), Decimal(0))
 
     def _upgrade(self, st, ev: Event, out) -> None:
         today = _day(ev.occurred_at)
