@@ -647,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("loyalty", help="loyalty ledger tools")
     loyalty = p.add_subparsers(dest="loyalty_command", required=True)
-    q = loyalty.add_parser("audit", help="check every account: balance = sum of entries = lots - debt")
+    q = loyalty.add_parser("audit", help="check every account and its ledger pages: balance = entries = lots - debt")
     q.add_argument("--json", action="store_true")
     q.add_argument("--database", default="loyalty", help="the loyalty database name (after CRM_DB_PREFIX)")
     p.set_defaults(func=cmd_loyalty)

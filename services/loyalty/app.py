@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from contracts import topics
-from services.loyalty.domain import LoyaltyDomain
+from services.loyalty.domain import LoyaltyDomain, next_seq
 from services.loyalty.rules import Rules
 from services.loyalty.settings import LoyaltySettings
 from services.loyalty.store import LoyaltyStore
@@ -25,7 +25,8 @@ from services.runtime.settings import CommonSettings
 log = logging.getLogger(__name__)
 
 
-def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date) -> dict:
+def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date, recent: list[dict]) -> dict:
+    """The account as the read API shows it; `recent` are its last entries, from its closed pages too."""
     rules: Rules = domain.rules
     qualifying = domain.qualifying(state, today)
     nxt = rules.next_tier(state["tier"]) if state["tier"] else None
@@ -44,8 +45,8 @@ def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date) -> d
         "lots": [
             {k: lot[k] for k in ("id", "earned_on", "expires_on", "points", "remaining")} for lot in state["lots"]
         ],
-        "entries": state["entries"][-rules.recent_entries :],
-        "entries_total": len(state["entries"]),
+        "entries": recent,
+        "entries_total": next_seq(state) - 1,
         # Ledger events the event clock has not reached (replays only): not in the balance yet.
         "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
     }
@@ -60,9 +61,32 @@ def routes(host: ServiceHost, domain: LoyaltyDomain, token: str) -> list[Route]:
         state = await store.read(cid)
         if state is None:
             return JSONResponse({"error": "unknown customer"}, status_code=404)
-        return JSONResponse(account_view(cid, state, domain, host.clock.now().date()))
+        recent = await store.entries(state, next_seq(state), domain.rules.recent_entries)
+        return JSONResponse(account_view(cid, state, domain, host.clock.now().date(), recent))
 
-    return [Route("/accounts/{customer_id}", account)]
+    @require_token(token)
+    async def entries(request: Request) -> JSONResponse:
+        """The whole ledger, back from the newest entry: `?before=SEQ&limit=N` (at most 500) answers the
+        `limit` entries before `before`, oldest first, and `next_before` continues further back."""
+        cid = request.path_params["customer_id"]
+        try:
+            before = int(request.query_params["before"]) if "before" in request.query_params else None
+            limit = int(request.query_params.get("limit", 100))
+        except ValueError:
+            return JSONResponse({"error": "before and limit must be integers"}, status_code=400)
+        if not 1 <= limit <= MAX_ENTRIES or (before is not None and before < 1):
+            return JSONResponse({"error": f"limit must be 1 to {MAX_ENTRIES}, before at least 1"}, status_code=400)
+        state = await store.read(cid)
+        if state is None:
+            return JSONResponse({"error": "unknown customer"}, status_code=404)
+        out = await store.entries(state, next_seq(state) if before is None else before, limit)
+        older = out[0]["seq"] if out and out[0]["seq"] > 1 else None
+        return JSONResponse({"customer_id": cid, "entries": out, "next_before": older})
+
+    return [Route("/accounts/{customer_id}", account), Route("/accounts/{customer_id}/entries", entries)]
+
+
+MAX_ENTRIES = 500
 
 
 KINDS = {
@@ -100,7 +124,7 @@ def build(
         name="loyalty",
         consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_LOYALTY],
         domain=domain,
-        make_store=lambda db, _codec: LoyaltyStore(db),
+        make_store=lambda db, _codec: LoyaltyStore(db, settings.ledger_page_entries),
     )
     host = ServiceHost(
         spec, common, settings, clock=clock, routes=lambda h: routes(h, domain, settings.api_token.get_secret_value())

@@ -1,4 +1,4 @@
-"""`crm loyalty audit`: every account's books, checked against the ledger's invariants."""
+"""`crm loyalty audit`: every account's books, with its closed ledger pages, checked against the ledger's invariants."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from pymongo import AsyncMongoClient
 
-from services.loyalty.domain import audit
+from services.loyalty.domain import audit, next_seq
 from services.loyalty.store import LoyaltyStore
 from services.runtime.settings import CommonSettings
 
@@ -37,10 +37,10 @@ async def run_audit(common: CommonSettings, database: str = "loyalty") -> AuditR
         report = AuditReport()
         async for cid, state in store.accounts():
             report.accounts += 1
-            report.entries += len(state["entries"])
+            report.entries += next_seq(state) - 1
             report.points_outstanding += state["balance"]
             report.negative_balances += state["balance"] < 0
-            problems = audit(state)
+            problems = audit(state, await store.closed_pages(state))  # no read without pages
             if problems:
                 report.discrepancies[cid] = problems
         return report

@@ -18,6 +18,8 @@ referral rewards once; so the ledger never depends on redelivery.
 from __future__ import annotations
 
 import calendar
+import hashlib
+import json
 import uuid
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_FLOOR, ROUND_HALF_UP, Decimal
@@ -82,7 +84,71 @@ def new_state() -> dict[str, Any]:
         "notified_lots": [],
         "held": [],  # ledger events waiting for the event clock (see `apply`)
         "erased": False,
+        "archived": nothing_archived(),  # the entries moved to ledger pages (`close_pages`)
     }
+
+
+def nothing_archived() -> dict[str, Any]:
+    """What an account has moved out to ledger pages: the ids of its pages in order, how many entries
+    they hold, the running balance after the last of them, and their points by kind."""
+    return {"pages": [], "entries": 0, "balance": 0, "points": {}}
+
+
+_NONE_ARCHIVED = nothing_archived()  # read only: accounts stored before pages existed lack the key
+
+
+def archived(state: dict[str, Any]) -> dict[str, Any]:
+    return state.get("archived") or _NONE_ARCHIVED
+
+
+def next_seq(state: dict[str, Any]) -> int:
+    return archived(state)["entries"] + len(state["entries"]) + 1
+
+
+def page_id(customer_id: str, entries: list[dict[str, Any]]) -> str:
+    """A ledger page's `_id`: the customer, the first sequence number, and a digest of the entries.
+
+    One customer's pages are one `_id` range, in order (a customer id has no space: printable ASCII,
+    contracts.types.CustomerId). The digest makes a page that differs (written by a replica that
+    lost the customer's partition but was still writing, or before a crash by a run that read
+    the events in another order) another document, never an overwrite of the page the account lists.
+    """
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{customer_id} {entries[0]['seq']:09d} {digest}"
+
+
+def page_first_seq(page: str) -> int:
+    return int(page.split(" ")[1])
+
+
+def close_pages(
+    state: dict[str, Any], size: int, customer_id: str
+) -> tuple[dict[str, Any], list[tuple[str, list[dict[str, Any]]]]]:
+    """Move the oldest entries out of the account, `size` at a time, while it holds `size` or more.
+
+    The account keeps what the domain needs (balance, lots, orders) and at most `size - 1` entries,
+    so its document and its cached copy do not grow with every entry; the entries moved out are
+    written as ledger pages, `(id, entries)`, before the account is. Returns the state unchanged
+    and no pages when there is nothing to close.
+    """
+    entries = state["entries"]
+    if len(entries) < size:
+        return state, []
+    n = len(entries) - len(entries) % size
+    pages = [(page_id(customer_id, entries[i : i + size]), entries[i : i + size]) for i in range(0, n, size)]
+    done = archived(state)
+    points = dict(done["points"])
+    for e in entries[:n]:
+        points[e["kind"]] = points.get(e["kind"], 0) + e["points"]
+    st = dict(state)
+    st["entries"] = entries[n:]
+    st["archived"] = {
+        "pages": [*done["pages"], *(pid for pid, _ in pages)],
+        "entries": done["entries"] + n,
+        "balance": entries[n - 1]["balance"],
+        "points": points,
+    }
+    return st, pages
 
 
 def _copy(state) -> dict[str, Any]:
@@ -646,7 +712,7 @@ class LoyaltyDomain:
         st["debt"] -= pay
         if points > pay:  # a lot fully used to pay the debt holds nothing (and would be pruned later)
             lot = {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
-                   "remaining": points - pay, "seq": len(st["entries"]) + 1}  # fmt: skip
+                   "remaining": points - pay, "seq": next_seq(st)}  # fmt: skip
             st["lots"].append(lot)
         entry = self._entry(st, ev, points, "earn", reason, ref)
         data = PointsEarnedData(
@@ -679,7 +745,7 @@ class LoyaltyDomain:
     def _entry_at(st, at: datetime, cause: str, points: int, kind: str, reason: str, ref: str) -> dict:
         st["balance"] += points
         entry = {
-            "seq": len(st["entries"]) + 1,
+            "seq": next_seq(st),
             "at": at.isoformat(),
             "kind": kind,
             "points": points,
@@ -710,17 +776,30 @@ def _fifo(lot: dict) -> tuple:
     return lot["expires_on"], lot["earned_on"], lot["id"]
 
 
-def audit(state: dict[str, Any]) -> list[str]:
-    """What is wrong with one account (empty: the books balance)."""
+def audit(state: dict[str, Any], pages: list[list[dict[str, Any]]] | None = None) -> list[str]:
+    """What is wrong with one account (empty: the books balance). `pages` are its closed ledger
+    pages in order; None checks the account alone, from the running balance its pages ended with."""
     problems = []
-    total, running = 0, 0
-    for i, e in enumerate(state["entries"], 1):
-        total += e["points"]
-        running += e["points"]
-        if e["seq"] != i:
-            problems.append(f"entry {i} has sequence number {e['seq']}")
-        if e["balance"] != running:
-            problems.append(f"entry {i}: running balance {e['balance']}, sum of entries so far {running}")
+    done = archived(state)
+    if pages is not None:
+        moved = [e for page in pages for e in page]
+        problems += _audit_entries(moved, 1, 0, "archived ")
+        points: dict[str, int] = {}
+        for e in moved:
+            points[e["kind"]] = points.get(e["kind"], 0) + e["points"]
+        if (len(pages), len(moved)) != (len(done["pages"]), done["entries"]):
+            problems.append(
+                f"{len(pages)} ledger pages with {len(moved)} entries, the account lists {len(done['pages'])} "
+                f"with {done['entries']}"
+            )
+        elif moved and moved[-1]["balance"] != done["balance"]:
+            problems.append(f"the pages end at balance {moved[-1]['balance']}, the account carries {done['balance']}")
+        if points != done["points"]:
+            problems.append(f"the pages hold {points} points by kind, the account counts {done['points']}")
+    if sum(done["points"].values()) != done["balance"]:
+        problems.append(f"archived points by kind sum to {sum(done['points'].values())}, not {done['balance']}")
+    problems += _audit_entries(state["entries"], done["entries"] + 1, done["balance"], "")
+    total = done["balance"] + sum(e["points"] for e in state["entries"])
     if state["balance"] != total:
         problems.append(f"balance {state['balance']} but entries sum to {total}")
     in_lots = sum(lot["remaining"] for lot in state["lots"])
@@ -728,4 +807,16 @@ def audit(state: dict[str, Any]) -> list[str]:
         problems.append(f"lots hold {in_lots} and debt is {state['debt']}, but the balance is {state['balance']}")
     if any(lot["remaining"] < 0 for lot in state["lots"]) or state["debt"] < 0:
         problems.append("a lot or the debt is negative")
+    return problems
+
+
+def _audit_entries(entries: list[dict[str, Any]], seq: int, running: int, what: str) -> list[str]:
+    """Sequence numbers from `seq` on, each running balance the sum so far (from `running`)."""
+    problems = []
+    for i, e in enumerate(entries, seq):
+        running += e["points"]
+        if e["seq"] != i:
+            problems.append(f"{what}entry {i} has sequence number {e['seq']}")
+        if e["balance"] != running:
+            problems.append(f"{what}entry {i}: running balance {e['balance']}, sum of entries so far {running}")
     return problems

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from services.loyalty.rules import DEFAULT_RULES, Rules, load_rules
@@ -21,6 +22,9 @@ class LoyaltySettings(ServiceSettings):
     group_id: str = "crm-loyalty"
     database: str = "loyalty"
     rules_file: Path = DEFAULT_RULES
+    # An account keeps fewer than this many ledger entries; older ones move to ledger pages of this
+    # size (docs/loyalty.md, "Ledger pages"), so no document grows with a customer's whole history.
+    ledger_page_entries: int = Field(50, ge=10, le=10_000)
 
     def rules(self) -> Rules:
         return load_rules(self.rules_file)

@@ -86,6 +86,7 @@ async def clean(backend, tmp_path_factory):
     assert len(set(outcome.bands.values())) >= 3, outcome.bands
     assert len(outcome.emails) > 50 and len(outcome.sms) > 50
     assert outcome.gauges == outcome.stored_counts  # counted by the writes = counted by a scan
+    assert outcome.ledger_problems == {} and outcome.ledger_pages > 0  # accounts closed ledger pages
     bootstrap = fleet.common_env["CRM_KAFKA_BOOTSTRAP"]
     churn = [e for t in ("crm.churn", "crm.retention") for e in await read_events(bootstrap, f"{fleet.namespace}.{t}")]
     assert not offers_after_win_back(churn)
@@ -109,6 +110,7 @@ def offers_after_win_back(events: list[dict]) -> list[str]:
 async def _same(clean: Outcome, other: Outcome, fleet: Fleet) -> None:
     # The gauges are counted by each replica's writes, across kills, restarts and rebalances.
     assert other.gauges == other.stored_counts
+    assert other.ledger_problems == {}, other.ledger_problems  # the books and their pages, after the faults
     assert other.loyalty == clean.loyalty, _diff(clean.loyalty, other.loyalty)
     assert other.profile == clean.profile, _diff(clean.profile, other.profile)
     assert other.clocks == clean.clocks

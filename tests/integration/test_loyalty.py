@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from pymongo import AsyncMongoClient
+from pymongo.errors import AutoReconnect
 
 from services.loyalty.app import build
 from services.loyalty.audit import run_audit
+from services.loyalty.domain import LoyaltyDomain, audit
+from services.loyalty.rules import load_rules
 from services.loyalty.settings import LoyaltySettings
+from services.loyalty.store import LoyaltyStore
 from services.runtime.broker import consumer_lag
 from services.runtime.clock import EventClock
 from tests.support.backends import free_port
@@ -24,9 +30,9 @@ T0 = datetime(1997, 2, 3, 12, tzinfo=UTC)
 
 
 class Running(RunningService):
-    def __init__(self, common):
+    def __init__(self, common, **settings):
         common = common.model_copy(update={"sweep_interval_s": 0.2})
-        settings = LoyaltySettings(http_port=free_port(), api_token=TOKEN)
+        settings = LoyaltySettings(http_port=free_port(), api_token=TOKEN, **settings)
         super().__init__(build(common, settings, clock=EventClock()), common, TOKEN)
 
     async def send(self, topic: str, events: list[dict], times: int = 1) -> None:
@@ -138,6 +144,136 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
         assert 'crm_loyalty_points_total{kind="redeemed"} 300.0' in metrics
 
 
+async def test_a_long_history_moves_to_ledger_pages_and_stays_readable_and_audited(common):
+    async with Running(common, ledger_page_entries=10) as n:
+        await n.send("shop.interactions", [registered("pager", occurred_at=at(0))])
+        # A purchase makes one entry, the first one two (the first purchase bonus; tier upgrades
+        # change the points, not the count): 24 purchases, 25 entries, two pages of 10 and 5 open.
+        buys = [purchase("pager", total="20.00", order_id=f"p-{i}", occurred_at=at(1 + i)) for i in range(24)]
+        await n.send("shop.purchases", buys[:12])
+        await eventually(lambda: _total(n, "pager", 13), timeout=60)
+        pages = n.host.db["ledger"]
+        # A page no account lists (a crash between the page and the account write, or a replica
+        # still writing after it lost the partition): never read, and never in the way.
+        stray = {"_id": "pager 000000011 ffffffffffffffff", "c": "pager", "entries": [{"seq": 11, "points": 999}]}
+        await pages.insert_one(stray)
+        assert [e["seq"] for e in await _walk(n, "pager")] == list(range(1, 14))
+        assert (await run_audit(n.common)).discrepancies == {}
+        await n.send("shop.purchases", buys[12:])
+        await eventually(lambda: _total(n, "pager", 25), timeout=60)
+
+        stored = await n.host.store.read("pager")
+        assert [e["seq"] for e in stored["entries"]] == [21, 22, 23, 24, 25]
+        listed = stored["archived"]["pages"]
+        assert [p.split(" ")[:2] for p in listed] == [["pager", "000000001"], ["pager", "000000011"]]
+        assert stored["archived"]["entries"] == 20 and stray["_id"] not in listed
+        assert await pages.count_documents({"c": "pager"}) == 3  # the stray is still there, unread
+        view = await n.account("pager")
+        assert [e["seq"] for e in view["entries"]] == list(range(6, 26))  # the last 20, from two pages and the account
+        assert view["balance"] == view["entries"][-1]["balance"]
+
+        walked = await _walk(n, "pager")
+        assert [e["seq"] for e in walked] == list(range(1, 26))
+        assert sum(e["points"] for e in walked) == view["balance"]
+        for bad in ({"limit": 0}, {"limit": 501}, {"before": "x"}, {"before": 0}, {"before": -1}):
+            r = await n.api.get("/accounts/pager/entries", params=bad)
+            assert r.status_code == 400 and "error" in r.json(), bad
+        assert (await n.api.get("/accounts/nobody/entries")).status_code == 404
+
+        report = await run_audit(n.common)
+        assert (report.accounts, report.entries, report.discrepancies) == (1, 25, {})
+        # The audit reads the pages: one changed entry in them is found.
+        await pages.update_one({"_id": listed[0]}, {"$inc": {"entries.3.points": 1}})
+        assert list((await run_audit(n.common)).discrepancies) == ["pager"]
+
+
+class _FailOnce:
+    """A collection whose next bulk write fails as a lost connection would."""
+
+    def __init__(self, collection):
+        self.collection, self.armed = collection, True
+
+    def __getattr__(self, name):
+        return getattr(self.collection, name)
+
+    async def bulk_write(self, *args, **kwargs):
+        if self.armed:
+            self.armed = False
+            raise AutoReconnect("injected: the store went away")
+        return await self.collection.bulk_write(*args, **kwargs)
+
+
+async def test_ledger_pages_and_their_account_agree_whichever_write_fails(common):
+    from services.bench import _purchase
+
+    client = AsyncMongoClient(common.mongo_url, tz_aware=True)
+    db = client[f"{common.db_prefix}pages_{uuid.uuid4().hex[:6]}"]
+    domain = LoyaltyDomain(load_rules())
+    store = LoyaltyStore(db, page_entries=10)
+    pages = db["ledger"]
+
+    async def buy(doc, first: int, count: int, order: str = "") -> None:
+        state = doc.state
+        for i in range(first, first + count):
+            now = T0 + timedelta(days=i)
+            state, _ = domain.apply(state, _purchase("f1", now, f"{order}o-{i}", "20.00"), now)
+        doc.take(state, [])
+
+    async def stored() -> tuple[dict, list[list[dict]]]:
+        state = await store.read("f1")
+        return state, await store.closed_pages(state)
+
+    try:
+        doc = (await store.load(["f1"]))["f1"]
+        await buy(doc, 0, 11)  # 12 entries: one page to close
+        store.pages = _FailOnce(pages)
+        with pytest.raises(AutoReconnect):
+            await store.save([doc])
+        assert len(doc.state["entries"]) == 12 and await store.read("f1") is None  # nothing half-done
+        assert await store.save([doc]) == 1  # the retry, as the pipeline makes it
+        state, closed = await stored()
+        assert len(state["archived"]["pages"]) == 1 and len(state["entries"]) == 2 and audit(state, closed) == []
+
+        await buy(doc, 11, 9)  # 11 entries again: the second page
+        store.collection = _FailOnce(store.collection)
+        with pytest.raises(AutoReconnect):
+            await store.save([doc])  # the page is written, the account is not
+        state, closed = await stored()
+        assert len(state["archived"]["pages"]) == 1 and audit(state, closed) == []  # as before
+        assert await pages.count_documents({}) == 2
+        # Redelivered instead of retried: read again, and other purchases this time (other order
+        # ids), so the second page differs; the first attempt's is never read, nor overwritten.
+        store.drop_cache()
+        doc = (await store.load(["f1"]))["f1"]
+        await buy(doc, 11, 9, order="again-")
+        await store.save([doc])
+        state, closed = await stored()
+        assert len(state["archived"]["pages"]) == 2 and audit(state, closed) == []
+        assert await pages.count_documents({}) == 3
+        assert [e["seq"] for e in await store.entries(state, 100, 100)] == list(range(1, 22))
+    finally:
+        await client.drop_database(db.name)
+        await client.close()
+
+
+async def _walk(n: Running, cid: str) -> list[dict]:
+    """The whole ledger through the read API, 7 entries at a time, back from the newest."""
+    walked: list[dict] = []
+    before = None
+    while True:
+        params = {"limit": 7} if before is None else {"limit": 7, "before": before}
+        r = await n.api.get(f"/accounts/{cid}/entries", params=params)
+        assert r.status_code == 200, r.text
+        walked = r.json()["entries"] + walked
+        before = r.json()["next_before"]
+        if before is None:
+            return walked
+
+
+async def _total(n: Running, cid: str, entries: int) -> bool:
+    return (await n.account(cid)).get("entries_total") == entries
+
+
 @pytest.mark.slow
 async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_nothing(common):
     from services.replay.cdnow import events, first_customers, read_master
@@ -151,6 +287,8 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         first = await run_audit(n.common)
         assert first.discrepancies == {}
         assert first.accounts == 23_570
+        pages = await n.host.db["ledger"].count_documents({})
+        assert pages > 0  # the heaviest customers' ledgers went to pages, and the audit read them
         fingerprint = await _fingerprint(n)
         loyalty_events = await _count(n, "crm.loyalty")
 
@@ -163,16 +301,19 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert await _fingerprint(n) == fingerprint
         assert await _count(n, "crm.loyalty") == loyalty_events
     print(
-        f"\nCDNOW master: {first.accounts} accounts, {first.entries} entries, "
+        f"\nCDNOW master: {first.accounts} accounts, {first.entries} entries ({pages} ledger pages), "
         f"{first.points_outstanding} points outstanding, {loyalty_events} loyalty events"
     )
 
 
 async def _fingerprint(n: Running) -> str:
+    """Every account, and every ledger page (ids are digests of their entries)."""
     h = hashlib.sha256()
     docs = n.host.db["accounts"].find({}, {"s": 1}).sort("_id", 1)
     async for d in docs:
         h.update(json.dumps([d["_id"], d.get("s")], sort_keys=True, default=str).encode())
+    async for d in n.host.db["ledger"].find({}, {"_id": 1}).sort("_id", 1):
+        h.update(d["_id"].encode())
     return h.hexdigest()
 
 

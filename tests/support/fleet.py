@@ -52,6 +52,9 @@ class Outcome:
     # Customers per segment, tier and band: summed over the replicas' gauges, and scanned from the stores.
     gauges: dict[str, dict] = field(default_factory=dict)
     stored_counts: dict[str, dict] = field(default_factory=dict)
+    # `crm loyalty audit` over every account and its closed ledger pages; how many pages there are.
+    ledger_problems: dict[str, list[str]] = field(default_factory=dict)
+    ledger_pages: int = 0
 
     @property
     def messages(self) -> set[str]:
@@ -73,6 +76,9 @@ class Fleet:
             # A killed member is noticed after this long; the survivors take its partitions over.
             "CRM_KAFKA_SESSION_TIMEOUT_MS": "6000",
             "CRM_KAFKA_HEARTBEAT_INTERVAL_MS": "1000",
+            # Small ledger pages, so that kills and rebalances also land while accounts close pages
+            # (these customers have a handful of entries each, the default page holds 50).
+            "CRM_LOYALTY_LEDGER_PAGE_ENTRIES": "10",
             **fresh(),
             **(env or {}),
         }
@@ -189,6 +195,7 @@ class Fleet:
         from pymongo import AsyncMongoClient
 
         from services.churn.store import ChurnStore
+        from services.loyalty.domain import audit
         from services.loyalty.store import LoyaltyStore
         from services.profile.store import ProfileStore
 
@@ -198,6 +205,13 @@ class Fleet:
             loyalty = {}
             async for d in client[f"{prefix}loyalty"]["accounts"].find({}, {"s": 1}):
                 loyalty[d["_id"]] = _ledger(d.get("s"))
+            accounts = LoyaltyStore(client[f"{prefix}loyalty"])
+            ledger_problems, ledger_pages = {}, 0
+            async for cid, state in accounts.accounts():
+                pages = await accounts.closed_pages(state)
+                ledger_pages += len(pages)
+                if problems := audit(state, pages):
+                    ledger_problems[cid] = problems
             profile = {}
             fields = {f"s.{f}": 1 for f in ("purchases", "spend", "categories", "stage", "consent")}
             async for d in client[f"{prefix}profile"]["customers"].find({}, fields):
@@ -262,6 +276,8 @@ class Fleet:
             churn=history,
             gauges=gauges,
             stored_counts=stored_counts,
+            ledger_problems=ledger_problems,
+            ledger_pages=ledger_pages,
             namespace=self.namespace,
         )
 
@@ -276,7 +292,7 @@ def _ledger(state: dict | None) -> dict | None:
     expiring: dict[str, int] = {}
     for lot in state["lots"]:
         expiring[lot["expires_on"]] = expiring.get(lot["expires_on"], 0) + lot["remaining"]
-    by_kind: dict[str, int] = {}
+    by_kind: dict[str, int] = dict((state.get("archived") or {}).get("points") or {})  # closed pages
     for entry in state["entries"]:
         by_kind[entry["kind"]] = by_kind.get(entry["kind"], 0) + entry["points"]
     return {

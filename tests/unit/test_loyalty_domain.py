@@ -23,7 +23,16 @@ from contracts.shop import (
     PurchaseRefundedData,
 )
 from services.loyalty.app import account_view
-from services.loyalty.domain import LoyaltyDomain, add_months, audit
+from services.loyalty.domain import (
+    LoyaltyDomain,
+    add_months,
+    archived,
+    audit,
+    close_pages,
+    next_seq,
+    page_first_seq,
+    page_id,
+)
 from services.loyalty.rules import Campaign, Rules, RulesError, Tier, load_rules
 
 T0 = datetime(1997, 1, 10, 12, tzinfo=UTC)
@@ -342,6 +351,74 @@ def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
     assert redeemed <= sum(e["points"] for e in once["entries"] if e["kind"] == "earn")
 
 
+def _play_paged(d, timeline, size: int):
+    """`_play`, with the account's full pages closed after every step, as the store does."""
+    state, pages = None, []
+
+    def close(st):
+        st, closed = close_pages(st, size, "c1")
+        assert [pid for pid, _ in closed] == archived(st)["pages"][len(pages) :]  # listed in order
+        pages.extend(entries for _, entries in closed)
+        return st
+
+    for kind, item in timeline:
+        if kind == "tick":
+            while state is not None and (due := d.due(state, item)) is not None and due <= item:
+                state = close(d.tick(state, "c1", due)[0])
+            continue
+        state = close(d.apply(state, item, item.occurred_at)[0])
+    return state, pages
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops, st.integers(1, 6))
+def test_closing_ledger_pages_changes_no_book_and_the_pages_audit_clean(plan, size):
+    d = LoyaltyDomain(rules(rewards={f"v{n}": n for n in range(1, 401)}, expiry_months=3))
+    timeline = [
+        (k, e.model_copy(update={"data": e.data.model_copy(update={"reward": f"v{e.data.points}"})}))
+        if k == "event" and isinstance(e, PointsRedemptionRequested)
+        else (k, e)
+        for k, e in _events(plan)
+    ]
+    whole = _play(d, timeline, duplicate=False)
+    paged, pages = _play_paged(d, timeline, size)
+    if whole is None:
+        return
+    assert [e for page in pages for e in page] + paged["entries"] == whole["entries"]
+    assert all(len(page) == size for page in pages) and len(paged["entries"]) < size
+    for key in ("balance", "debt", "lots", "orders", "tier", "held"):
+        assert paged[key] == whole[key], key
+    assert audit(paged, pages) == [] and audit(paged) == []
+    assert archived(paged)["entries"] == len(whole["entries"]) - len(paged["entries"])
+    if pages:  # a page lost, or one entry changed, is found
+        assert audit(paged, pages[1:]) != []
+        changed = [dict(e) for e in pages[0]]
+        changed[0]["points"] += 1
+        assert audit(paged, [changed, *pages[1:]]) != []
+
+
+def test_an_account_stored_before_ledger_pages_reads_as_one_with_none():
+    d = LoyaltyDomain(rules())
+    state, _ = d.apply(None, buy("o1", "30.00"), T0)
+    old = {k: v for k, v in state.items() if k != "archived"}
+    assert audit(old) == [] and next_seq(old) == len(state["entries"]) + 1
+    state, _ = d.apply(old, buy("o2", "40.00", at=T0 + timedelta(days=1)), T0 + timedelta(days=1))
+    assert [e["seq"] for e in state["entries"]] == list(range(1, len(state["entries"]) + 1))
+    closed, pages = close_pages(state, 2, "c1")
+    assert len(pages) == len(state["entries"]) // 2 and audit(closed, [e for _, e in pages]) == []
+
+
+def test_a_page_id_names_the_customer_and_first_entry_and_differs_when_the_entries_do():
+    d = LoyaltyDomain(rules())
+    state, _ = d.apply(None, buy("o1", "30.00"), T0)
+    state, _ = d.apply(state, buy("o2", "40.00", at=T0 + timedelta(days=1)), T0 + timedelta(days=1))
+    _, [(pid, entries)] = close_pages(state, 2, "c-7")
+    assert pid.startswith("c-7 000000001 ") and page_first_seq(pid) == 1
+    assert close_pages(state, 2, "c-7")[1][0][0] == pid  # written again: the same document
+    other = [{**entries[0], "points": entries[0]["points"] + 1}, *entries[1:]]
+    assert page_id("c-7", other) != pid  # another run's page: never an overwrite
+
+
 def test_the_birthday_bonus_message_goes_out_once_a_year_at_the_start_of_the_month():
     d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
     state, _ = run(d, [register(birthday=date(1980, 6, 15), timezone="Asia/Shanghai")])
@@ -525,7 +602,7 @@ def test_ledger_events_wait_for_the_clock_and_end_as_if_read_in_event_order():
         state, o = d.apply(state, ev, T0)
         derived += o
     assert d.due(state, T0) == T0 + timedelta(days=10)  # the first purchase held is due
-    view = account_view("c1", state, d, T0.date())  # what the read API shows meanwhile
+    view = account_view("c1", state, d, T0.date(), state["entries"])  # what the read API shows meanwhile
     assert view["balance"] == state["balance"] == 100  # the purchase at T0 only: the clock is there
     assert [w["type"][:9] for w in view["waiting"]] == ["PurchaseC"] * 2 + ["PointsRed"] + ["PurchaseC"] * 3
     assert view["waiting"][0]["occurred_at"] == (T0 + timedelta(days=10)).isoformat()
