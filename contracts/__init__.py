@@ -8,6 +8,7 @@ EVENTS_BY_TOPIC: dict[str, tuple[type[Event], ...]] = {
     topics.SHOP_INTERACTIONS: shop.INTERACTION_EVENTS,
     topics.CRM_PROFILE: crm.PROFILE_EVENTS,
     topics.CRM_LOYALTY: crm.LOYALTY_EVENTS,
+    topics.CRM_REFERRALS: crm.REFERRAL_EVENTS,
     topics.CRM_CHURN: crm.CHURN_EVENTS,
     topics.CRM_CARE: crm.CARE_EVENTS,
     topics.CRM_RETENTION: crm.RETENTION_EVENTS,

@@ -272,7 +272,7 @@ class ReferralQualifiedData(CrmPayload):
 
 
 class ReferralQualified(CrmEvent):
-    TOPIC: ClassVar[str] = topics.CRM_LOYALTY
+    TOPIC: ClassVar[str] = topics.CRM_REFERRALS
     type: Literal["ReferralQualified"] = "ReferralQualified"
     schema_version: Literal[1] = 1
     data: ReferralQualifiedData
@@ -366,7 +366,7 @@ LOYALTY_EVENTS = (
     PointsReversed,
     TierChanged,
     RedemptionRejected,
-    ReferralQualified,
 )
+REFERRAL_EVENTS = (ReferralQualified,)
 CHURN_EVENTS = (ChurnRiskChanged, CustomerWonBack)
 NOTIFICATION_EVENTS = (NotificationSent, NotificationFailed, NotificationSuppressed)

@@ -26,6 +26,7 @@ CONSUMERS = {
     topics.CRM_CARE: ["notify"],
     topics.CRM_RETENTION: ["notify"],
     topics.CRM_LOYALTY: ["churn"],
+    topics.CRM_REFERRALS: ["loyalty"],
     topics.CRM_CHURN: [],
     topics.CRM_NOTIFICATIONS: [],
 }

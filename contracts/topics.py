@@ -4,6 +4,9 @@ SHOP_PURCHASES = "shop.purchases"
 SHOP_INTERACTIONS = "shop.interactions"
 CRM_PROFILE = "crm.profile"
 CRM_LOYALTY = "crm.loyalty"
+# Loyalty's hand-over of a referrer's reward to the replica that owns the referrer: a topic of its
+# own, so that loyalty does not read its whole output (every ledger event) to find them.
+CRM_REFERRALS = "crm.referrals"
 CRM_CHURN = "crm.churn"
 CRM_CARE = "crm.care"
 CRM_RETENTION = "crm.retention"
@@ -14,6 +17,7 @@ ALL = (
     SHOP_INTERACTIONS,
     CRM_PROFILE,
     CRM_LOYALTY,
+    CRM_REFERRALS,
     CRM_CHURN,
     CRM_CARE,
     CRM_RETENTION,

@@ -122,7 +122,7 @@ def build(
     domain = LoyaltyDomain(settings.rules())
     spec = ServiceSpec(
         name="loyalty",
-        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_LOYALTY],
+        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_REFERRALS],
         domain=domain,
         make_store=lambda db, _codec: LoyaltyStore(db, settings.ledger_page_entries),
     )

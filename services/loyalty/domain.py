@@ -201,8 +201,9 @@ class LoyaltyDomain:
         self.rules = rules
 
     def wants(self, event: Event) -> bool:
-        # Loyalty reads crm.loyalty only for referral rewards; its other events there are its own.
-        return event.TOPIC != ReferralQualified.TOPIC or isinstance(event, ReferralQualified)
+        # Complaints, surveys and consent changes come on the same topic and change no account:
+        # each would cost a dedup entry and a document write.
+        return isinstance(event, HANDLED)
 
     # -- events ---------------------------------------------------------------
     def apply(self, state, event: Event, now: datetime):
@@ -763,6 +764,7 @@ class LoyaltyDomain:
 
 
 LEDGER_EVENTS = (PurchaseCompleted, PurchaseRefunded, PointsRedemptionRequested)
+HANDLED = (*LEDGER_EVENTS, CustomerRegistered, CustomerUpdated, CustomerErasureRequested, ReferralQualified)
 LEDGER_BY_NAME = {cls.__name__: cls for cls in LEDGER_EVENTS}
 
 

@@ -111,7 +111,15 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
         assert old["tier"] == "Member" and old["entries"][0]["reason"] == "referral: ref-new made a first purchase"
 
         events = [json.loads(r.value) for r in await read_topic(
-            n.common.kafka_bootstrap, n.common.topic("crm.loyalty"), expect=11, settle=1.5)]  # fmt: skip
+            n.common.kafka_bootstrap, n.common.topic("crm.loyalty"), expect=10, settle=1.5)]  # fmt: skip
+        referrals = await read_topic(n.common.kafka_bootstrap, n.common.topic("crm.referrals"), expect=1, settle=1.0)
+        (handed,) = [json.loads(r.value) for r in referrals]  # to the replica that owns the referrer
+        assert (handed["type"], handed["customer_id"], handed["data"]["referee_id"]) == (
+            "ReferralQualified",
+            "ref-old",
+            "ref-new",
+        )
+        assert not any(e["type"] == "ReferralQualified" for e in events)
         types = sorted(
             (e["type"], e["customer_id"], e["data"].get("points"), e["data"].get("reason"))
             for e in events

@@ -659,3 +659,17 @@ def test_apply_and_tick_never_change_the_state_they_are_given():
         d.tick(after, ev.customer_id, later)
         assert after == frozen, f"tick changed its input state ({ev.customer_id})"
         states[ev.customer_id] = after
+
+
+def test_loyalty_skips_the_interactions_that_change_no_account():
+    from contracts.shop import ConsentChanged, ConsentChangedData, InteractionRecorded, InteractionRecordedData
+
+    d = LoyaltyDomain(rules())
+    common = {"event_id": uuid.uuid4(), "occurred_at": T0, "producer": "shop", "customer_id": "c1"}
+    survey = InteractionRecorded(**common, data=InteractionRecordedData(kind="survey", channel="web", score=2))
+    opt_out = ConsentChanged(**common, data=ConsentChangedData(channel="sms", granted=False, source="web"))
+    assert not d.wants(survey) and not d.wants(opt_out)
+    # Skipped, not lost: applying them would change nothing but the dedup window and cost a write.
+    state, _ = d.apply(None, buy("o1", "30.00"), T0)
+    assert d.apply(state, survey, T0) == (state, []) and d.apply(state, opt_out, T0) == (state, [])
+    assert all(d.wants(e) for e in (buy(), refund(), redeem()))
