@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections import Counter
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -41,7 +42,11 @@ def all_topics(prefix: str = "") -> list[str]:
 
 
 async def ensure_topics(settings: CommonSettings, names: list[str] | None = None) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
+    """Create the topics that do not exist yet; returns the ones created.
+
+    A topic added to a running deployment (a new version's) gets the partition count of the
+    topics already there, whatever `CRM_TOPIC_PARTITIONS` says: consumed topics must be
+    co-partitioned (see `check_copartitioned`)."""
     names = names or all_topics(settings.topic_prefix)
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     await admin.start()
@@ -49,16 +54,47 @@ async def ensure_topics(settings: CommonSettings, names: list[str] | None = None
         existing = set(await admin.list_topics())
         wanted = [n for n in names if n not in existing]
         if wanted:
+            ours = [n for n in names if n in existing]  # an empty list would describe every topic
+            counts = Counter(_partition_counts(await admin.describe_topics(ours)).values()) if ours else Counter()
+            partitions = counts.most_common(1)[0][0] if counts else settings.topic_partitions
             try:
-                await admin.create_topics(
-                    [NewTopic(n, settings.topic_partitions, 1) for n in wanted], timeout_ms=10_000
-                )
+                await admin.create_topics([NewTopic(n, partitions, 1) for n in wanted], timeout_ms=10_000)
             except TopicAlreadyExistsError:
                 pass  # another replica won the race
             log.info("created topics %s", ", ".join(wanted))
         return wanted
     finally:
         await admin.close()
+
+
+class NotCopartitioned(RuntimeError):
+    """Topics a service consumes have different partition counts."""
+
+
+def _partition_counts(metadata: list[dict]) -> dict[str, int]:
+    return {t["topic"]: len(t["partitions"]) for t in metadata if not t["error_code"] and t["partitions"]}
+
+
+async def check_copartitioned(settings: CommonSettings, names: list[str]) -> dict[str, int]:
+    """The partition counts of these topics (those that exist); raises when they differ.
+
+    A customer's events on every consumed topic must land in the same partition number, so that
+    one replica owns the customer: the producers' partitioner maps the key to a partition by the
+    topic's partition count, so the counts must be equal (a referral reward on a topic with
+    another count would reach a replica that does not own the referrer)."""
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        counts = _partition_counts(await admin.describe_topics(names)) if names else {}
+    finally:
+        await admin.close()
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items()))
+        raise NotCopartitioned(
+            f"the topics this service consumes must have the same number of partitions ({listed}); "
+            "they are co-partitioned by customer id. Add partitions to the smaller ones."
+        )
+    return counts
 
 
 class TopicNotFound(LookupError):

@@ -22,7 +22,7 @@ from services.runtime import logs
 from services.runtime.broker import KafkaPublisher, consumer_lag, make_broker, subscribe_batches
 from services.runtime.clock import Clock, make_clock
 from services.runtime.http import make_app, make_server
-from services.runtime.kafka import ensure_topics
+from services.runtime.kafka import check_copartitioned, ensure_topics
 from services.runtime.metrics import LagCollector, PipelineMetrics
 from services.runtime.pipeline import Domain, Pipeline
 from services.runtime.settings import CommonSettings, ServiceSettings
@@ -297,6 +297,7 @@ class ServiceHost:
                 await self.db[collection].create_indexes(models)
         if self.common.create_topics:
             await ensure_topics(self.common)
+        await check_copartitioned(self.common, [self.common.topic(t) for t in self.spec.consumes])
         await self.publisher.start()
         await self.broker.start()
         self._started = True

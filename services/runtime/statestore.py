@@ -429,14 +429,7 @@ class StateStore:
         try:
             await self.collection.bulk_write(ops, ordered=False)
         except (OperationFailure, *TRANSIENT_STORE_ERRORS):
-            # The cached copies are now ahead of the store; forget them so the retry reloads.
-            for doc in dirty:
-                self._forget(doc.customer_id)
-                self._live.pop(doc.customer_id, None)
-            self.complete = False  # they must be read again
-            if self.tally is not None:
-                for doc in dirty:
-                    self.tally.unsure.setdefault(doc.customer_id, doc.meta.get("tally"))
+            self.unwritten(dirty)
             raise
         for doc in dirty:
             if self.tally is not None:
@@ -452,6 +445,18 @@ class StateStore:
             doc.published.clear()
             self.schedule.set(doc.customer_id, doc.due)
         return len(ops)
+
+    def unwritten(self, docs: Iterable[CustomerDoc]) -> None:
+        """A write of these documents failed: the cached copies may be ahead of the store, so they
+        are forgotten and the next load reads the store again."""
+        docs = list(docs)
+        for doc in docs:
+            self._forget(doc.customer_id)
+            self._live.pop(doc.customer_id, None)
+        self.complete = False  # they must be read again
+        if self.tally is not None:
+            for doc in docs:
+                self.tally.unsure.setdefault(doc.customer_id, doc.meta.get("tally"))
 
     async def with_pending_outbox(self, owns: Callable[[str], bool]) -> list[str]:
         """Customers this consumer owns whose stored outbox still holds events (one projection scan)."""

@@ -299,6 +299,8 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert pages > 0  # the heaviest customers' ledgers went to pages, and the audit read them
         fingerprint = await _fingerprint(n)
         loyalty_events = await _count(n, "crm.loyalty")
+        referrals = await _count(n, "crm.referrals")
+        assert referrals > 0
 
         # Again, the first 1,000 customers' part of it (all of it took another 90 s for the same
         # point: every event is recognised; nothing is earned, expired or published twice).
@@ -308,9 +310,10 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert again.as_dict() == first.as_dict()
         assert await _fingerprint(n) == fingerprint
         assert await _count(n, "crm.loyalty") == loyalty_events
+        assert await _count(n, "crm.referrals") == referrals  # no hand-over twice
     print(
         f"\nCDNOW master: {first.accounts} accounts, {first.entries} entries ({pages} ledger pages), "
-        f"{first.points_outstanding} points outstanding, {loyalty_events} loyalty events"
+        f"{first.points_outstanding} points outstanding, {loyalty_events} loyalty events, {referrals} referrals"
     )
 
 

@@ -10,6 +10,7 @@ import sys
 import uuid
 
 import httpx
+import pytest
 from pymongo import AsyncMongoClient
 
 from contracts import derived_id
@@ -292,3 +293,30 @@ async def test_a_replay_that_fails_lets_the_clocks_pass_what_it_sent(common):
     last = {r.partition: wm.decode(r.value) for r in sorted(marks, key=lambda r: r.offset)}
     assert len(last) == 6 and set(last.values()) == {datetime(1997, 1, 1, 9, tzinfo=UTC)}
     assert sorted(r.key for r in records if r not in marks) == [b"c-1", b"c-2"]
+
+
+async def test_new_topics_follow_the_existing_partition_count_and_a_mismatch_refuses_to_start(common):
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    from services.runtime.kafka import NotCopartitioned, check_copartitioned, ensure_topics
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=common.kafka_bootstrap)
+    await admin.start()
+    try:
+        # A deployment whose topics were made with 3 partitions gets a new version's topic with 3.
+        grown = common.model_copy(update={"topic_prefix": common.topic_prefix + "grown."})
+        await admin.create_topics([NewTopic(grown.topic("shop.purchases"), 3, 1)])
+        created = await ensure_topics(grown)
+        assert grown.topic("crm.referrals") in created
+        loyalty = [grown.topic(t) for t in ("shop.purchases", "shop.interactions", "crm.referrals")]
+        assert set((await check_copartitioned(grown, loyalty)).values()) == {3}
+
+        # Made by hand with another count: the service refuses, and says which topics differ.
+        odd = common.model_copy(update={"topic_prefix": common.topic_prefix + "odd."})
+        await admin.create_topics(
+            [NewTopic(odd.topic("shop.purchases"), 3, 1), NewTopic(odd.topic("crm.referrals"), 2, 1)]
+        )
+        with pytest.raises(NotCopartitioned, match=r"crm\.referrals: 2.*shop\.purchases: 3"):
+            await check_copartitioned(odd, [odd.topic("shop.purchases"), odd.topic("crm.referrals")])
+    finally:
+        await admin.close()
