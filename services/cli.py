@@ -41,13 +41,14 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _ensure_topics(state) -> None:
-    from services.runtime.kafka import ensure_topics
+    from services.runtime.kafka import ensure_topics, partition_counts
     from services.runtime.settings import CommonSettings
 
     common = CommonSettings(kafka_bootstrap=state.kafka_bootstrap)
     created = asyncio.run(ensure_topics(common))
     if created:
-        print(f"created {len(created)} topics with {common.topic_partitions} partitions")
+        counts = asyncio.run(partition_counts(common, created))
+        print(f"created {len(created)} topics with {', '.join(map(str, sorted(set(counts.values()))))} partitions")
 
 
 async def _empty_store(state, services) -> list[str]:

@@ -44,9 +44,10 @@ def all_topics(prefix: str = "") -> list[str]:
 async def ensure_topics(settings: CommonSettings, names: list[str] | None = None) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created.
 
-    A topic added to a running deployment (a new version's) gets the partition count of the
-    topics already there, whatever `CRM_TOPIC_PARTITIONS` says: consumed topics must be
-    co-partitioned (see `check_copartitioned`)."""
+    `CRM_TOPIC_PARTITIONS` applies when none of the main topics exists. A topic added to a
+    running deployment (a new version's) gets the partition count of the main topics already
+    there (shop.purchases's when they differ): consumed topics must be co-partitioned (see
+    `check_copartitioned`). Dead-letter twins do not count: nothing consumes them in a group."""
     names = names or all_topics(settings.topic_prefix)
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
     await admin.start()
@@ -54,14 +55,18 @@ async def ensure_topics(settings: CommonSettings, names: list[str] | None = None
         existing = set(await admin.list_topics())
         wanted = [n for n in names if n not in existing]
         if wanted:
-            ours = [n for n in names if n in existing]  # an empty list would describe every topic
-            counts = Counter(_partition_counts(await admin.describe_topics(ours)).values()) if ours else Counter()
-            partitions = counts.most_common(1)[0][0] if counts else settings.topic_partitions
+            main = [settings.topic(t) for t in topic_names.ALL if settings.topic(t) in existing]
+            # (An empty list would describe every topic of the cluster.)
+            counts = _partition_counts(await admin.describe_topics(main)) if main else {}
+            anchor = counts.get(settings.topic(topic_names.SHOP_PURCHASES))
+            partitions = anchor or (
+                Counter(counts.values()).most_common(1)[0][0] if counts else settings.topic_partitions
+            )
             try:
                 await admin.create_topics([NewTopic(n, partitions, 1) for n in wanted], timeout_ms=10_000)
             except TopicAlreadyExistsError:
                 pass  # another replica won the race
-            log.info("created topics %s", ", ".join(wanted))
+            log.info("created topics %s with %d partitions", ", ".join(wanted), partitions)
         return wanted
     finally:
         await admin.close()
@@ -75,6 +80,18 @@ def _partition_counts(metadata: list[dict]) -> dict[str, int]:
     return {t["topic"]: len(t["partitions"]) for t in metadata if not t["error_code"] and t["partitions"]}
 
 
+async def partition_counts(settings: CommonSettings, names: list[str]) -> dict[str, int]:
+    """The partition count of each of these topics that exists."""
+    if not names:
+        return {}  # an empty list would describe every topic of the cluster
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        return _partition_counts(await admin.describe_topics(names))
+    finally:
+        await admin.close()
+
+
 async def check_copartitioned(settings: CommonSettings, names: list[str]) -> dict[str, int]:
     """The partition counts of these topics (those that exist); raises when they differ.
 
@@ -82,17 +99,14 @@ async def check_copartitioned(settings: CommonSettings, names: list[str]) -> dic
     one replica owns the customer: the producers' partitioner maps the key to a partition by the
     topic's partition count, so the counts must be equal (a referral reward on a topic with
     another count would reach a replica that does not own the referrer)."""
-    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        counts = _partition_counts(await admin.describe_topics(names)) if names else {}
-    finally:
-        await admin.close()
+    counts = await partition_counts(settings, names)
     if len(set(counts.values())) > 1:
         listed = ", ".join(f"{name}: {n}" for name, n in sorted(counts.items()))
         raise NotCopartitioned(
             f"the topics this service consumes must have the same number of partitions ({listed}); "
-            "they are co-partitioned by customer id. Add partitions to the smaller ones."
+            "they are co-partitioned by customer id. An empty topic can be deleted and created again with "
+            "the others' count; adding partitions to a topic in use moves customers' keys, so stop its "
+            "producers and let every consumer's lag reach 0 first."
         )
     return counts
 
