@@ -474,6 +474,7 @@ def cmd_loyalty(args: argparse.Namespace) -> int:
             f"{report.accounts:,} accounts, {report.entries:,} ledger entries, "
             f"{report.points_outstanding:,} points outstanding, {report.negative_balances:,} negative balances"
         )
+        print(f"{report.ledger_pages:,} ledger pages, {report.unlisted_pages:,} pages no account lists (never read)")
         print(f"discrepancies: {len(report.discrepancies)} account(s)")
         for cid, problems in list(report.discrepancies.items())[:20]:
             print(f"  {cid}: {'; '.join(problems)}")

@@ -166,7 +166,8 @@ async def test_a_long_history_moves_to_ledger_pages_and_stays_readable_and_audit
         stray = {"_id": "pager 000000011 ffffffffffffffff", "c": "pager", "entries": [{"seq": 11, "points": 999}]}
         await pages.insert_one(stray)
         assert [e["seq"] for e in await _walk(n, "pager")] == list(range(1, 14))
-        assert (await run_audit(n.common)).discrepancies == {}
+        report = await run_audit(n.common)
+        assert (report.discrepancies, report.ledger_pages, report.unlisted_pages) == ({}, 1, 1)
         await n.send("shop.purchases", buys[12:])
         await eventually(lambda: _total(n, "pager", 25), timeout=60)
 
@@ -190,6 +191,7 @@ async def test_a_long_history_moves_to_ledger_pages_and_stays_readable_and_audit
 
         report = await run_audit(n.common)
         assert (report.accounts, report.entries, report.discrepancies) == (1, 25, {})
+        assert (report.ledger_pages, report.unlisted_pages) == (2, 1)
         # The audit reads the pages: one changed entry in them is found.
         await pages.update_one({"_id": listed[0]}, {"$inc": {"entries.3.points": 1}})
         assert list((await run_audit(n.common)).discrepancies) == ["pager"]
@@ -297,6 +299,7 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert first.accounts == 23_570
         pages = await n.host.db["ledger"].count_documents({})
         assert pages > 0  # the heaviest customers' ledgers went to pages, and the audit read them
+        assert (first.ledger_pages, first.unlisted_pages) == (pages, 0)
         fingerprint = await _fingerprint(n)
         loyalty_events = await _count(n, "crm.loyalty")
         referrals = await _count(n, "crm.referrals")
