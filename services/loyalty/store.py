@@ -8,10 +8,9 @@ from typing import Any
 
 from pymongo import ReplaceOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import OperationFailure
 
 from services.loyalty.domain import archived, close_pages, page_first_seq
-from services.runtime.statestore import TRANSIENT_STORE_ERRORS, CustomerDoc, Labels, StateStore, Tally
+from services.runtime.statestore import CustomerDoc, Labels, StateStore, Tally
 
 
 def tier_labels(s: dict[str, Any] | None) -> Labels:
@@ -45,11 +44,7 @@ class LoyaltyStore(StateStore):
                 if pages:
                     closing.append((doc, state))
         if ops:
-            try:
-                await self.pages.bulk_write(ops, ordered=False)
-            except (OperationFailure, *TRANSIENT_STORE_ERRORS):
-                self.unwritten(doc for doc in docs if doc.dirty)  # as when the accounts' write fails
-                raise
+            await self.write_beside(self.pages, ops, docs)
             for doc, state in closing:
                 doc.state = state
         return await super().save(docs)

@@ -14,10 +14,9 @@ from typing import Any
 
 from pymongo import DeleteOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import OperationFailure
 
 from services.runtime.crypto import LookupHasher, normalise_email
-from services.runtime.statestore import TRANSIENT_STORE_ERRORS, Codec, CustomerDoc, StateStore, Tally
+from services.runtime.statestore import Codec, CustomerDoc, StateStore, Tally
 
 
 class LookupStateStore(StateStore):
@@ -53,11 +52,7 @@ class LookupStateStore(StateStore):
             UpdateOne({"_id": k}, {"$set": {"c": d.customer_id}}, upsert=True) for d, o, n in changes for k in n - o
         ]
         if adds:
-            try:
-                await self.lookups.bulk_write(adds, ordered=False)
-            except (OperationFailure, *TRANSIENT_STORE_ERRORS):
-                self.unwritten(doc for doc in docs if doc.dirty)  # as when the states' write fails
-                raise
+            await self.write_beside(self.lookups, adds, docs)
         written = await super().save(docs)
         removes = [DeleteOne({"_id": k, "c": d.customer_id}) for d, o, n in changes for k in o - n]
         if removes:

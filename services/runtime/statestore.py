@@ -446,6 +446,16 @@ class StateStore:
             self.schedule.set(doc.customer_id, doc.due)
         return len(ops)
 
+    async def write_beside(self, collection: AsyncCollection, ops: list, docs: Iterable[CustomerDoc]) -> None:
+        """A store extension's write that must happen before these documents' own (ledger pages,
+        contact lookups): when it fails, the dirty documents' cached copies are treated as when
+        their own write fails."""
+        try:
+            await collection.bulk_write(ops, ordered=False)
+        except (OperationFailure, *TRANSIENT_STORE_ERRORS):
+            self.unwritten(doc for doc in docs if doc.dirty)
+            raise
+
     def unwritten(self, docs: Iterable[CustomerDoc]) -> None:
         """A write of these documents failed: the cached copies may be ahead of the store, so they
         are forgotten and the next load reads the store again."""

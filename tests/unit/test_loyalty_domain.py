@@ -326,9 +326,9 @@ def _play(d, timeline, duplicate: bool, eager: bool = False):
     return state
 
 
-@settings(max_examples=150, deadline=None)
-@given(ops)
-def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
+def _catalogue_play(plan):
+    """A domain whose catalogue prices reward `vN` at N points, and the plan's timeline with each
+    redemption asking for the reward at its price (so only the balance can refuse it)."""
     d = LoyaltyDomain(rules(rewards={f"v{n}": n for n in range(1, 401)}, expiry_months=3))
     timeline = [
         (k, e.model_copy(update={"data": e.data.model_copy(update={"reward": f"v{e.data.points}"})}))
@@ -336,6 +336,13 @@ def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
         else (k, e)
         for k, e in _events(plan)
     ]
+    return d, timeline
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops)
+def test_balance_is_the_sum_of_entries_and_redelivery_changes_nothing(plan):
+    d, timeline = _catalogue_play(plan)
     once = _play(d, timeline, duplicate=False)
     twice = _play(d, timeline, duplicate=True)
     eager = _play(d, timeline, duplicate=False, eager=True)
@@ -373,13 +380,7 @@ def _play_paged(d, timeline, size: int):
 @settings(max_examples=100, deadline=None)
 @given(ops, st.integers(1, 6))
 def test_closing_ledger_pages_changes_no_book_and_the_pages_audit_clean(plan, size):
-    d = LoyaltyDomain(rules(rewards={f"v{n}": n for n in range(1, 401)}, expiry_months=3))
-    timeline = [
-        (k, e.model_copy(update={"data": e.data.model_copy(update={"reward": f"v{e.data.points}"})}))
-        if k == "event" and isinstance(e, PointsRedemptionRequested)
-        else (k, e)
-        for k, e in _events(plan)
-    ]
+    d, timeline = _catalogue_play(plan)
     whole = _play(d, timeline, duplicate=False)
     paged, pages = _play_paged(d, timeline, size)
     if whole is None:
