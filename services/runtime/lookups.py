@@ -56,7 +56,8 @@ class LookupStateStore(StateStore):
         written = await super().save(docs)
         removes = [DeleteOne({"_id": k, "c": d.customer_id}) for d, o, n in changes for k in o - n]
         if removes:
-            await self.lookups.bulk_write(removes, ordered=False)
+            async with self.turns.turn():
+                await self.lookups.bulk_write(removes, ordered=False)
         for doc, _, new in changes:
             doc.meta["lookup"] = new
         return written

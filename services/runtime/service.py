@@ -27,6 +27,7 @@ from services.runtime.metrics import LagCollector, PipelineMetrics
 from services.runtime.pipeline import Domain, Pipeline
 from services.runtime.settings import CommonSettings, ServiceSettings
 from services.runtime.statestore import ClockMarks, Codec, StateStore, with_backoff
+from services.runtime.turns import StoreTurns
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,8 @@ class ServiceHost:
             self.store = spec.make_store(self.db, spec.codec)
         else:
             self.store = StateStore(self.db[spec.state_collection], codec=spec.codec)
+        turns = StoreTurns(common.store_turns_file)
+        self.store.turns = turns
         self.metrics.watch_cache(spec.name, self.store)
         self.publisher = KafkaPublisher(common)
         self.broker = make_broker(common, spec.name, self.registry)
@@ -103,7 +106,7 @@ class ServiceHost:
             failpoint=common.failpoint,
             metrics=self.metrics,
             # Wall time needs no marks: it does not come from the events.
-            clock_marks=ClockMarks(self.db["clock_marks"]) if hasattr(self.clock, "expect_sources") else None,
+            clock_marks=ClockMarks(self.db["clock_marks"], turns) if hasattr(self.clock, "expect_sources") else None,
         )
         self.group_id = common.group(settings.group_id or f"crm-{spec.name}")
         self.subscriber = subscribe_batches(

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +33,9 @@ class CommonSettings(BaseSettings):
     mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
     # Prepended to each service's database name (crm_profile, crm_loyalty, ...).
     db_prefix: str = "crm_"
+    # Set for the embedded store only: the services on this machine take turns at it, one request
+    # at a time, through an flock on this file (services/runtime/turns.py says why).
+    store_turns_file: Path | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Every key this system writes starts with this; nothing else in Redis is touched.
     redis_prefix: str = "crm:"
@@ -53,6 +56,11 @@ class CommonSettings(BaseSettings):
     sweep_interval_s: float = Field(1.0, gt=0)
     # Fault injection for tests ("after_store_write"): the process dies at that point.
     failpoint: str | None = None
+
+    @field_validator("store_turns_file", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, v):
+        return None if v == "" else v
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"

@@ -51,6 +51,8 @@ from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, OperationFailure
 
+from services.runtime.turns import StoreTurns
+
 log = logging.getLogger(__name__)
 
 TRANSIENT_STORE_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout)
@@ -309,6 +311,8 @@ class StateStore:
         self.tally = tally
         # True while the cache holds every stored document of the customers this consumer owns.
         self.complete = False
+        # Set by the service host: its hot-path requests take turns with the other services'.
+        self.turns = StoreTurns()
 
     def drop_cache(self) -> None:
         self.cache.clear()
@@ -390,8 +394,9 @@ class StateStore:
         if missing:
             found = {}
             if not self.complete:
-                async for d in self.collection.find({"_id": {"$in": missing}}):
-                    found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
+                async with self.turns.turn():
+                    async for d in self.collection.find({"_id": {"$in": missing}}):
+                        found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
             for cid in missing:
                 stored = found.get(cid)
                 doc = stored or CustomerDoc(cid)
@@ -427,7 +432,8 @@ class StateStore:
         if not ops:
             return 0
         try:
-            await self.collection.bulk_write(ops, ordered=False)
+            async with self.turns.turn():
+                await self.collection.bulk_write(ops, ordered=False)
         except (OperationFailure, *TRANSIENT_STORE_ERRORS):
             self.unwritten(dirty)
             raise
@@ -451,7 +457,8 @@ class StateStore:
         contact lookups): when it fails, the dirty documents' cached copies are treated as when
         their own write fails."""
         try:
-            await collection.bulk_write(ops, ordered=False)
+            async with self.turns.turn():
+                await collection.bulk_write(ops, ordered=False)
         except (OperationFailure, *TRANSIENT_STORE_ERRORS):
             self.unwritten(doc for doc in docs if doc.dirty)
             raise
@@ -479,7 +486,8 @@ class StateStore:
         ids = [d.customer_id for d in docs]
         if not ids:
             return 0
-        res = await self.collection.update_many({"_id": {"$in": ids}}, {"$set": {"outbox": []}})
+        async with self.turns.turn():
+            res = await self.collection.update_many({"_id": {"$in": ids}}, {"$set": {"outbox": []}})
         for d in docs:
             d.outbox = d.pending()
             d.published.clear()
@@ -509,8 +517,9 @@ class ClockMarks:
     One small document per partition, written by its single owner.
     """
 
-    def __init__(self, collection: AsyncCollection):
+    def __init__(self, collection: AsyncCollection, turns: StoreTurns | None = None):
         self.collection = collection
+        self.turns = turns or StoreTurns()
 
     async def save(self, marks: dict[tuple[str, int], tuple[datetime | None, datetime | None]]) -> None:
         """Per partition: (newest event time read, newest watermark read); None where there is none."""
@@ -519,7 +528,8 @@ class ClockMarks:
             for (topic, p), (when, mark) in marks.items():
                 doc = {k: v for k, v in (("t", when), ("w", mark)) if v is not None}
                 ops.append(ReplaceOne({"_id": f"{topic}/{p}"}, doc, upsert=True))
-            await self.collection.bulk_write(ops, ordered=False)
+            async with self.turns.turn():
+                await self.collection.bulk_write(ops, ordered=False)
 
     async def load(
         self, sources: Iterable[tuple[str, int]]

@@ -232,6 +232,8 @@ class StackState:
     redis_embedded: bool
     smtp_url: str = ""
     sms_url: str = ""
+    # The lock file the services take turns at the embedded store through (services/runtime/turns.py).
+    store_turns_file: str = ""
 
     def env(self) -> dict[str, str]:
         env = {
@@ -243,6 +245,8 @@ class StackState:
             env["CRM_NOTIFY_EMAIL_PRIMARY"] = self.smtp_url
         if self.sms_url:
             env["CRM_NOTIFY_SMS_PRIMARY"] = self.sms_url
+        if self.store_turns_file:
+            env["CRM_STORE_TURNS_FILE"] = self.store_turns_file
         return env
 
     def save(self, path: Path) -> None:
@@ -395,6 +399,7 @@ class Stack:
             redis_embedded=not use_external_redis,
             smtp_url=next(x.url for x in servers if x.name == "smtp"),
             sms_url=next(x.url for x in servers if x.name == "sms"),
+            store_turns_file=str((self.run_dir / "mongo.turns").resolve()),
         )
         state.save(self.state_file)
         return state

@@ -21,6 +21,8 @@ class Backend:
     kafka_bootstrap: str
     mongo_url: str
     redis_url: str
+    # The embedded store's: its services take turns at it (services/runtime/turns.py).
+    store_turns_file: str = ""
 
 
 def free_port() -> int:
@@ -44,7 +46,7 @@ def embedded(var_dir: Path) -> Iterator[Backend]:
     stack = Stack(settings, log=lambda _msg: None)
     try:
         state = stack.up()
-        yield Backend("embedded", state.kafka_bootstrap, state.mongo_url, state.redis_url)
+        yield Backend("embedded", state.kafka_bootstrap, state.mongo_url, state.redis_url, state.store_turns_file)
     finally:
         stack.down()
 

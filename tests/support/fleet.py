@@ -80,6 +80,7 @@ class Fleet:
             # (these customers have a handful of entries each, the default page holds 50).
             "CRM_LOYALTY_LEDGER_PAGE_ENTRIES": "10",
             **fresh(),
+            **({"CRM_STORE_TURNS_FILE": backend.store_turns_file} if backend.store_turns_file else {}),
             **(env or {}),
         }
         self.smtp_port, self.sms_port = free_port(), free_port()
