@@ -4,7 +4,8 @@ Every figure comes from this run on this machine, so the ratios between them hol
 shared, noisy machine. Phases (each on its own topics, databases and Redis keys):
 
   kafka passthrough   raw aiokafka: consume a batch, produce it on, on the same broker
-  store ceiling       raw bulk upserts by _id, batches of the pipeline's size, same MongoDB
+  store ceiling       raw bulk upserts by _id, batches of the pipeline's size, same MongoDB; then
+                      by 4 clients at once, and by 4 clients taking turns as the services do
   e2e                 the four services as processes; the CDNOW replay of the first N customers
                       at full speed; done when profile, loyalty and churn have consumed every
                       shop event (lag 0). Store writes and peak RSS per service come from here.
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from contracts import watermark as wm
+from services.runtime.turns import StoreTurns
 from services.stack import dashboard
 from services.stack.secrets import fresh
 from services.stack.servers import Stack, StackSettings
@@ -214,22 +216,35 @@ async def kafka_passthrough(bootstrap: str, events: list, log) -> float:
     return moved / seconds
 
 
-async def store_ceiling(mongo_url: str, sample: list[dict], ops: int, log) -> float:
+async def store_ceiling(mongo_url: str, sample: list[dict], ops: int, log, clients: int = 1, turns=None) -> float:
+    """Bulk upserts by _id per second, `ops` in all, written by `clients` connections at once
+    (each with `turns()`, a fresh StoreTurns, around every request when given)."""
     from pymongo import AsyncMongoClient, ReplaceOne
 
-    client = AsyncMongoClient(mongo_url)
-    coll = client[f"bench_ceiling_{uuid.uuid4().hex[:6]}"]["docs"]
-    try:
-        started = time.monotonic()
-        for i in range(0, ops, BATCH):
+    async def writer(k: int, client) -> None:
+        coll = client[db]["docs"]
+        take = turns() if turns is not None else StoreTurns()
+        for i in range(k * share, (k + 1) * share, BATCH):
             docs = [{**sample[(i + j) % len(sample)], "_id": f"c{i + j}"} for j in range(min(BATCH, ops - i))]
-            await coll.bulk_write([ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs], ordered=False)
+            requests = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
+            async with take.turn():
+                await coll.bulk_write(requests, ordered=False)
+
+    db, share = f"bench_ceiling_{uuid.uuid4().hex[:6]}", ops // clients
+    connections = [AsyncMongoClient(mongo_url) for _ in range(clients)]
+    try:
+        for c in connections:
+            await c.admin.command("ping")
+        started = time.monotonic()
+        await asyncio.gather(*(writer(k, c) for k, c in enumerate(connections)))
         seconds = time.monotonic() - started
-        await client.drop_database(coll.database.name)
+        await connections[0].drop_database(db)
     finally:
-        await client.close()
-    log(f"store ceiling: {ops:,} bulk upserts by _id in {seconds:.1f}s")
-    return ops / seconds
+        for c in connections:
+            await c.close()
+    how = "" if clients == 1 else f", {clients} clients at once" + (" taking turns" if turns else "")
+    log(f"store ceiling: {share * clients:,} bulk upserts by _id in {seconds:.1f}s{how}")
+    return share * clients / seconds
 
 
 async def naive(state, events: list, log) -> float:
@@ -316,7 +331,8 @@ async def e2e(stack, state, stream: list, log) -> dict:
         log(f"e2e: {shop:,} shop events through profile, loyalty and churn in {seconds:.1f}s")
         snap = await fleet.settle(3600)
         log(f"e2e: every service settled (notify included) after {time.monotonic() - started:.1f}s")
-        writes = await _store_writes(fleet)
+        samples = await _samples(fleet)
+        writes, batches = _store_writes(samples), _batches(samples)
         sample = await _sample_docs(state.mongo_url, fleet.namespace)
         return {
             "seconds": seconds,
@@ -325,6 +341,7 @@ async def e2e(stack, state, stream: list, log) -> dict:
             "settled_seconds": time.monotonic() - started,
             "consumed": dict(snap.consumed),
             "writes": writes,
+            "batches": batches,
             "rss_mb_peak": fleet.rss_peak_mb(),
             "sample": sample,
         }
@@ -332,20 +349,38 @@ async def e2e(stack, state, stream: list, log) -> dict:
         fleet.stop()
 
 
-async def _store_writes(fleet: Fleet) -> dict[str, dict[str, float]]:
-    """Documents written per service, by cause ("events": batches; "time": sweeps, notify's rounds)."""
+async def _samples(fleet: Fleet) -> dict[str, list]:
+    """Every sample of each service's /metrics."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, list] = {}
     async with httpx.AsyncClient() as client:
         for name, port in fleet.ports.items():
             text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
-            causes = out[name] = {"events": 0.0, "time": 0.0}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "crm_store_writes_total":
-                        causes[sample.labels["cause"]] = causes.get(sample.labels["cause"], 0.0) + sample.value
+            out[name] = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    return out
+
+
+def _store_writes(samples: dict[str, list]) -> dict[str, dict[str, float]]:
+    """Documents written per service, by cause ("events": batches; "time": sweeps, notify's rounds)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, found in samples.items():
+        causes = out[name] = {"events": 0.0, "time": 0.0}
+        for sample in found:
+            if sample.name == "crm_store_writes_total":
+                causes[sample.labels["cause"]] = causes.get(sample.labels["cause"], 0.0) + sample.value
+    return out
+
+
+def _batches(samples: dict[str, list]) -> dict[str, dict[str, float]]:
+    """Consumed batches per service and their mean size: every batch costs the store a round trip
+    or more whatever its size, so small batches spend the store's time on overhead."""
+    out: dict[str, dict[str, float]] = {}
+    for name, found in samples.items():
+        n = sum(x.value for x in found if x.name == "crm_batch_size_count")
+        records = sum(x.value for x in found if x.name == "crm_batch_size_sum")
+        out[name] = {"batches": n, "records_per_batch": round(records / n, 1) if n else 0.0}
     return out
 
 
@@ -660,7 +695,17 @@ async def _measure(
     log(f"workload: the first {customers:,} CDNOW customers, {len(events):,} shop events")
     passthrough = await kafka_passthrough(state.kafka_bootstrap, events, log)
     run_e2e = await e2e(stack, state, stream, log)
-    ceiling = await store_ceiling(state.mongo_url, run_e2e.pop("sample"), 20_000, log)
+    sample = run_e2e.pop("sample")
+    ceiling = await store_ceiling(state.mongo_url, sample, 20_000, log)
+    # The services are four clients of one store: how the embedded store serves several at once,
+    # and with the turns the services take (services/runtime/turns.py).
+    turns_file = stack.run_dir / "bench-ceiling.turns"
+    concurrent = {
+        "4_clients": await store_ceiling(state.mongo_url, sample, 10_000, log, clients=4),
+        "4_clients_taking_turns": await store_ceiling(
+            state.mongo_url, sample, 10_000, log, clients=4, turns=lambda: StoreTurns(turns_file)
+        ),
+    }
     naive_rate = await naive(state, events[:naive_events], log)
     lat = await latency(stack, state, run_e2e["events_per_s"] / 2, latency_s, log)
     replay_s = None if quick else await full_replay(stack, state, log)
@@ -680,6 +725,7 @@ async def _measure(
         "naive_events_per_s": round(naive_rate, 1),
         "naive_events": naive_events,
         "store_ceiling_ops_per_s": round(ceiling, 1),
+        "store_concurrent_ops_per_s": {k: round(v, 1) for k, v in concurrent.items()},
         "kafka_passthrough_events_per_s": round(passthrough, 1),
         "latency_ms_p50": _round(_percentile(lat["samples_ms"], 50)),
         "latency_ms_p99": _round(_percentile(lat["samples_ms"], 99)),
@@ -692,6 +738,7 @@ async def _measure(
             for s in SERVICES
         },
         "store_writes_per_shop_event_W": round(w, 3),
+        "batches": run_e2e["batches"],
         "rss_mb_peak": run_e2e["rss_mb_peak"],
         "cdnow_replay_seconds": None if replay_s is None else round(replay_s, 1),
         "soak": soaked,
