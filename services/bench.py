@@ -218,14 +218,17 @@ async def kafka_passthrough(bootstrap: str, events: list, log) -> float:
 
 async def store_ceiling(mongo_url: str, sample: list[dict], ops: int, log, clients: int = 1, turns=None) -> float:
     """Bulk upserts by _id per second, `ops` in all, written by `clients` connections at once
-    (each with `turns()`, a fresh StoreTurns, around every request when given)."""
+    (each with `turns()`, a fresh StoreTurns, around every request when given). The connections
+    are this one process's: the store sees what four services would send it, but the writers
+    share one interpreter, which four service processes do not."""
     from pymongo import AsyncMongoClient, ReplaceOne
 
     async def writer(k: int, client) -> None:
         coll = client[db]["docs"]
         take = turns() if turns is not None else StoreTurns()
-        for i in range(k * share, (k + 1) * share, BATCH):
-            docs = [{**sample[(i + j) % len(sample)], "_id": f"c{i + j}"} for j in range(min(BATCH, ops - i))]
+        end = (k + 1) * share
+        for i in range(k * share, end, BATCH):
+            docs = [{**sample[(i + j) % len(sample)], "_id": f"c{i + j}"} for j in range(min(BATCH, end - i))]
             requests = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
             async with take.turn():
                 await coll.bulk_write(requests, ordered=False)

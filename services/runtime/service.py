@@ -84,7 +84,7 @@ class ServiceHost:
             self.store = spec.make_store(self.db, spec.codec)
         else:
             self.store = StateStore(self.db[spec.state_collection], codec=spec.codec)
-        turns = StoreTurns(common.store_turns_file)
+        self.turns = turns = StoreTurns(common.store_turns_file)
         self.store.turns = turns
         self.metrics.watch_cache(spec.name, self.store)
         self.publisher = KafkaPublisher(common)
@@ -294,6 +294,7 @@ class ServiceHost:
         }
 
     async def start(self) -> None:
+        self.turns.check()
         await self.mongo.admin.command("ping")
         for collection, models in self.spec.indexes.items():
             if models:

@@ -392,11 +392,13 @@ class StateStore:
             if self.tally is not None and "tally" not in doc.meta:
                 doc.meta["tally"] = self.tally.read(cid, doc.state, True)  # cached by warm(): as stored
         if missing:
-            found = {}
+            stored_docs = []
             if not self.complete:
                 async with self.turns.turn():
-                    async for d in self.collection.find({"_id": {"$in": missing}}):
-                        found[d["_id"]] = CustomerDoc.from_doc(d, self.codec)
+                    stored_docs = [d async for d in self.collection.find({"_id": {"$in": missing}})]
+            # Decoded after the turn (profile's and notify's states are encrypted): no other
+            # service waits for this.
+            found = {d["_id"]: CustomerDoc.from_doc(d, self.codec) for d in stored_docs}
             for cid in missing:
                 stored = found.get(cid)
                 doc = stored or CustomerDoc(cid)

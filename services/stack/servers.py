@@ -256,8 +256,10 @@ class StackState:
     @classmethod
     def load(cls, path: Path) -> StackState | None:
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            saved = json.loads(path.read_text())
+            # Keys of another version of the stack are left out, not a reason to forget the stack.
+            return cls(**{k: v for k, v in saved.items() if k in cls.__dataclass_fields__})
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
 
