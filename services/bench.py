@@ -40,7 +40,7 @@ from contracts import watermark as wm
 from services.runtime.turns import StoreTurns
 from services.stack import dashboard
 from services.stack.secrets import fresh
-from services.stack.servers import Stack, StackSettings
+from services.stack.servers import Stack, StackError, StackSettings
 from services.stack.supervisor import Child, Supervisor
 
 SERVICES = ("profile", "loyalty", "churn", "notify")
@@ -677,17 +677,40 @@ def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=pr
         ),
         log=lambda _m: None,
     )
+    held = _only_bench(var)
     stack.down()  # what an interrupted bench left behind in var/bench (its own servers only)
     # Every phase writes namespaces of its own, so nothing stored is worth keeping; the store of an
     # interrupted run (1.9 GB after a full replay) took longer to open than the start-up allows.
     for left in ("mongo", "mail"):
         shutil.rmtree(var / left, ignore_errors=True)
     (var / "sms.jsonl").unlink(missing_ok=True)
-    state = stack.up()
     try:
-        return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log, soak_s))
+        state = stack.up()
+        try:
+            return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log, soak_s))
+        finally:
+            stack.down()
     finally:
-        stack.down()
+        os.close(held)
+
+
+def _only_bench(var: Path) -> int:
+    """Hold var/bench.lock for the whole run: a second bench on the same directory would stop the
+    first one's servers as leftovers of an interrupted run (and its own end would stop the
+    second's). An flock, so a killed bench leaves nothing to clean up."""
+    import fcntl
+
+    var.mkdir(parents=True, exist_ok=True)
+    fd = os.open(var / "bench.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StackError(
+            f"another crm bench is running in {var}; wait for it, or give this one a directory of its own "
+            f"(CRM_BENCH_VAR_DIR=var/bench2)"
+        ) from None
+    return fd
 
 
 async def _measure(

@@ -1,6 +1,7 @@
 """The soak's verdicts: RSS growth measured after the warm-up, lag bounded unless it keeps climbing."""
 
 import argparse
+import os
 
 import pytest
 
@@ -50,3 +51,16 @@ def test_soak_seconds_are_zero_or_enough_for_samples():
     for bad in ("3", "-5", "ten"):
         with pytest.raises(argparse.ArgumentTypeError):
             _soak_seconds(bad)
+
+
+def test_a_second_bench_on_the_same_directory_is_refused(tmp_path):
+    from services.bench import _only_bench
+    from services.stack.servers import StackError
+
+    held = _only_bench(tmp_path)
+    try:
+        with pytest.raises(StackError, match="another crm bench is running"):
+            _only_bench(tmp_path)
+    finally:
+        os.close(held)
+    os.close(_only_bench(tmp_path))  # the first one is over: the directory is free again
