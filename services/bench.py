@@ -678,7 +678,10 @@ def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=pr
         log=lambda _m: None,
     )
     held = _only_bench(var)
-    stack.down()  # what an interrupted bench left behind in var/bench (its own servers only)
+    # What an interrupted bench left behind in var/bench (its own processes only, by pid file):
+    # the services of a bench killed without its clean-up first, then the servers.
+    stack.down(tuple(f"bench-{name}" for name in SERVICES))
+    stack.down()
     # Every phase writes namespaces of its own, so nothing stored is worth keeping; the store of an
     # interrupted run (1.9 GB after a full replay) took longer to open than the start-up allows.
     for left in ("mongo", "mail"):
