@@ -677,22 +677,22 @@ def run(customers: int, naive_events: int, latency_s: float, quick: bool, log=pr
         ),
         log=lambda _m: None,
     )
+    # Every process a bench starts, by pid file: its services first, then the servers (stopping
+    # the servers under running services left those retrying against nothing).
+    ours = (*(f"bench-{name}" for name in SERVICES), "sms", "smtp", "valkey", "mongo", "kafka")
     held = _only_bench(var)
-    # What an interrupted bench left behind in var/bench (its own processes only, by pid file):
-    # the services of a bench killed without its clean-up first, then the servers.
-    stack.down(tuple(f"bench-{name}" for name in SERVICES))
-    stack.down()
-    # Every phase writes namespaces of its own, so nothing stored is worth keeping; the store of an
-    # interrupted run (1.9 GB after a full replay) took longer to open than the start-up allows.
-    for left in ("mongo", "mail"):
-        shutil.rmtree(var / left, ignore_errors=True)
-    (var / "sms.jsonl").unlink(missing_ok=True)
     try:
-        state = stack.up()
+        stack.down(ours)  # what an interrupted or killed bench left behind in var/bench
+        # Every phase writes namespaces of its own, so nothing stored is worth keeping; the store of
+        # an interrupted run (1.9 GB after a full replay) took longer to open than the start-up allows.
+        for left in ("mongo", "mail"):
+            shutil.rmtree(var / left, ignore_errors=True)
+        (var / "sms.jsonl").unlink(missing_ok=True)
         try:
+            state = stack.up()
             return asyncio.run(_measure(stack, state, customers, naive_events, latency_s, quick, log, soak_s))
         finally:
-            stack.down()
+            stack.down(ours)
     finally:
         os.close(held)
 

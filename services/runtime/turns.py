@@ -42,8 +42,11 @@ class StoreTurns:
         self.path = path
         self.wait_limit_s = wait_limit_s
         # Tasks of one process queue here first, so a process waits on the file at most once.
+        # Not reentrant: a turn must not be taken inside another (it would wait for ever).
         self._local = asyncio.Lock()
         self._warned_at: float | None = None
+        # Blocking waits still in their thread (one given up on stays until the lock comes).
+        self._threads = 0
 
     def check(self) -> None:
         """Fail at start-up, with the reason, where every request would otherwise go without."""
@@ -94,7 +97,18 @@ class StoreTurns:
             os.close(fd)
             self._warn(f"flock on {self.path} failed ({exc.strerror})")
             return None
-        granted = _wait_in_thread(fd)
+        if self._threads:
+            # An earlier wait was given up on and its holder still has not let go: waiting again
+            # would cost every request the whole limit, and a thread and a file each.
+            os.close(fd)
+            self._warn(f"the store's turn is still held by another process ({self.path})")
+            return None
+        try:
+            granted = self._wait_in_thread(fd)
+        except RuntimeError as exc:  # no thread to be had
+            os.close(fd)
+            self._warn(f"cannot wait for the turn ({exc})")
+            return None
         try:
             done, _ = await asyncio.wait({granted}, timeout=self.wait_limit_s)
         except BaseException:
@@ -106,41 +120,45 @@ class StoreTurns:
             return None
         return granted.result()
 
+    def _wait_in_thread(self, fd: int) -> asyncio.Future:
+        """A future for the blocking lock, taken in a daemon thread (a wait that outlives the event
+        loop does not hold up the process's exit). Its result is `fd`, locked, or None on an
+        error; a lock that comes after the waiter gave up is let go at once."""
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future = loop.create_future()
+
+        def settle(ok: bool) -> None:  # in the loop's thread, as is `_abandon`: no race between them
+            self._threads -= 1
+            if ok and not granted.done():
+                granted.set_result(fd)
+                return
+            os.close(fd)
+            if not ok:
+                self._warn(f"flock on {self.path} failed")
+            if not granted.done():
+                granted.set_result(None)
+
+        def wait() -> None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                ok = True
+            except OSError:
+                ok = False
+            try:
+                loop.call_soon_threadsafe(settle, ok)
+            except RuntimeError:  # the loop is closed: nobody will use the turn
+                os.close(fd)
+
+        thread = threading.Thread(target=wait, name="store-turn", daemon=True)
+        thread.start()
+        self._threads += 1
+        return granted
+
     def _warn(self, what: str) -> None:
         now = time.monotonic()
         if self._warned_at is None or now - self._warned_at >= WARN_EVERY_S:
             self._warned_at = now
             log.warning("store turns: %s; requests go ahead without a turn meanwhile", what)
-
-
-def _wait_in_thread(fd: int) -> asyncio.Future:
-    """A future for the blocking lock, taken in a daemon thread (a wait that outlives the event
-    loop does not hold up the process's exit). Its result is `fd`, locked, or None on an error;
-    a lock that comes after the waiter gave up is let go at once."""
-    loop = asyncio.get_running_loop()
-    granted: asyncio.Future = loop.create_future()
-
-    def settle(ok: bool) -> None:  # in the loop's thread, as is `_abandon`: no race between them
-        if ok and not granted.done():
-            granted.set_result(fd)
-            return
-        os.close(fd)
-        if not granted.done():
-            granted.set_result(None)
-
-    def wait() -> None:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            ok = True
-        except OSError:
-            ok = False
-        try:
-            loop.call_soon_threadsafe(settle, ok)
-        except RuntimeError:  # the loop is closed: nobody will use the turn
-            os.close(fd)
-
-    threading.Thread(target=wait, name="store-turn", daemon=True).start()
-    return granted
 
 
 def _abandon(granted: asyncio.Future) -> None:

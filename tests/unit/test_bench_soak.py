@@ -64,3 +64,52 @@ def test_a_second_bench_on_the_same_directory_is_refused(tmp_path):
     finally:
         os.close(held)
     os.close(_only_bench(tmp_path))  # the first one is over: the directory is free again
+
+
+class _FakeStack:
+    """Records what `bench.run` asks of its stack; starts nothing."""
+
+    def __init__(self, settings, log=None, fail_up=False):
+        self.calls: list = []
+        self.fail_up = fail_up
+
+    def down(self, names=("sms", "smtp", "valkey", "mongo", "kafka")):
+        self.calls.append(("down", names))
+
+    def up(self):
+        self.calls.append(("up",))
+        if self.fail_up:
+            raise OSError("a server binary is missing")
+        return object()
+
+
+@pytest.mark.parametrize("fail_up", [False, True])
+def test_a_bench_holds_its_directory_from_clean_up_to_clean_up(tmp_path, monkeypatch, fail_up):
+    from services import bench
+    from services.stack.servers import StackError
+
+    stacks: list[_FakeStack] = []
+    monkeypatch.setenv("CRM_BENCH_VAR_DIR", str(tmp_path))
+
+    def make_stack(*args, **kwargs):
+        stacks.append(_FakeStack(*args, fail_up=fail_up, **kwargs))
+        return stacks[-1]
+
+    monkeypatch.setattr(bench, "Stack", make_stack)
+
+    async def measure(*_args):
+        with pytest.raises(StackError):
+            bench._only_bench(tmp_path)  # a second bench meanwhile is refused
+        return {"measured": True}
+
+    monkeypatch.setattr(bench, "_measure", measure)
+    if fail_up:
+        with pytest.raises(OSError):
+            bench.run(10, 10, 1.0, True)
+    else:
+        assert bench.run(10, 10, 1.0, True) == {"measured": True}
+    first, *_, last = stacks[0].calls
+    services = tuple(f"bench-{n}" for n in bench.SERVICES)
+    # Leftovers and its own processes are stopped services first, also when the start-up failed.
+    assert first[0] == "down" and last[0] == "down" and first[1][:4] == services and last[1] == first[1]
+    os.close(bench._only_bench(tmp_path))  # and the directory is free again

@@ -121,10 +121,18 @@ async def test_a_turn_that_does_not_come_in_time_is_gone_without(tmp_path, caplo
     with _holder(path) as holder:
         await asyncio.wait_for(_take(turns), 5)  # a stopped holder does not stop this service
         assert "no turn at the store within" in caplog.text
+        # While that holder keeps the turn, requests go ahead at once: no second waiting thread.
+        turns._warned_at = None
+        for _ in range(3):
+            await asyncio.wait_for(_take(turns), 5)
+        assert turns._threads == 1 and "still held by another process" in caplog.text
         holder.stdin.write("\n")
         holder.stdin.flush()
         holder.wait(10)
         assert await _until(lambda: not _held_elsewhere(path))
+        assert await _until(lambda: turns._threads == 0)
+    async with turns.turn():
+        assert _held_elsewhere(path)  # turns again once the holder let go
 
 
 async def test_a_killed_holder_releases_its_turn(tmp_path):
