@@ -130,9 +130,10 @@ class Assessor:
         assert last is not None
         self.then = model.signals(h.as_of(last), last)
         self.baseline = model.score(self.then)
+        self._timeline = model.timeline(h)
 
     def _scored(self, today: date, previous: str | None) -> tuple[Signals, float, str]:
-        s = self.model.signals(self.h, today)
+        s = self._timeline.at(today)
         score = self.model.score(s)
         rise = logit(score) - logit(self.baseline)
         return s, score, band_for(rise, s.recency_ratio, previous, self.rules)

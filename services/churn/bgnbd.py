@@ -108,12 +108,14 @@ def expected_purchases(p: BgNbdParams, t: float, x: float, t_x: float, T: float)
         return 0.0
     a_minus_1 = p.a - 1 if abs(p.a - 1) > 1e-9 else 1e-9
     z = -t / (p.alpha + T)
-    f = hyp2f1(p.r + x, a_minus_1, p.a + p.b + x - 1, z)
-    if not np.isfinite(f):
+    # Python floats and math, not NumPy scalars: the band search calls this a dozen times per
+    # customer, and NumPy's per-scalar overhead was most of its cost (same values).
+    f = float(hyp2f1(p.r + x, a_minus_1, p.a + p.b + x - 1, z))
+    if not math.isfinite(f):
         f = _hyp2f1_series_fallback(p.r + x, a_minus_1, p.a + p.b + x - 1, z)
     head = (p.a + p.b + x - 1) / a_minus_1 * (1 - f)
     value = head * p_alive(p, x, t_x, T)
-    return float(max(value, 0.0)) if np.isfinite(value) else 0.0
+    return max(value, 0.0) if math.isfinite(value) else 0.0
 
 
 def _hyp2f1_series_fallback(a: float, b: float, c: float, z: float) -> float:

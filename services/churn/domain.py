@@ -272,9 +272,11 @@ class ChurnDomain:
                 # start from the day of this call (a sweep's or an event's), and bands that are not
                 # monotone in time can be found on another day from another start.
                 break
-            a = self._assessment(st, at)
-            if self._changes(st, a, at):
-                derived += self._reassess(st, cid, at, cause=None, assessment=a)
+            # The band alone first: most due points move nothing, and an assessment with its
+            # reasons costs several times as much.
+            band = self._assessor(st, _history_key(st)).band(_day(at), st["risk"]["band"])
+            if self._changes(st, band, at):
+                derived += self._reassess(st, cid, at, cause=None)
             else:
                 st["risk"]["checked"] = max(_day(at), _checked(st)).isoformat()
         return derived
@@ -315,11 +317,11 @@ class ChurnDomain:
             self._assessors.move_to_end(hkey)
         return assessor
 
-    def _changes(self, st: dict[str, Any], a: Assessment, now: datetime) -> bool:
-        if st["risk"] is None or a.band != st["risk"]["band"]:
+    def _changes(self, st: dict[str, Any], band: str, now: datetime) -> bool:
+        if st["risk"] is None or band != st["risk"]["band"]:
             return True
         due = self._next_step_due(st)
-        return due is not None and due <= now and a.band in AT_RISK
+        return due is not None and due <= now and band in AT_RISK
 
     def _reassess(
         self, st: dict[str, Any], cid: str, now: datetime, *, cause: Event | None, assessment: Assessment | None = None

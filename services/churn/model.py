@@ -26,7 +26,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from services.churn import bgnbd
-from services.churn.signals import WINDOW_DAYS, History, Signals, bgnbd_inputs, compute
+from services.churn.signals import WINDOW_DAYS, History, Signals, Timeline, bgnbd_inputs, compute
 
 # name -> how the signal enters the model (monotone transforms keep the weights readable)
 FEATURES: dict[str, Callable[[Signals], float]] = {
@@ -102,6 +102,9 @@ class RiskModel:
 
     def signals(self, h: History, today: date) -> Signals:
         return compute(h, today, self.params, self.typical_gap_days)
+
+    def timeline(self, h: History) -> Timeline:
+        return Timeline(h, self.params, self.typical_gap_days)
 
     def to_doc(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date
 
 from services.churn import bgnbd
 
@@ -89,44 +89,85 @@ def bgnbd_inputs(h: History, today: date) -> tuple[int, float, float]:
 
 
 def compute(h: History, today: date, params: bgnbd.BgNbdParams, typical_gap_days: float) -> Signals:
-    if h.first is None or h.last is None:
-        raise ValueError("no purchase yet: churn signals start with the first purchase")
-    today = max(today, h.last)  # an event older than the newest purchase (out of order) is judged at the latter
-    x, t_x, T = bgnbd_inputs(h, today)
-    cadence = (h.last - h.first).days / x if x else None
+    return Timeline(h, params, typical_gap_days).at(today)
 
-    def windows(days: Mapping[date, float | int]) -> tuple[float, float]:
-        recent = previous = 0.0
-        for d, v in days.items():
-            age = (today - d).days
+
+class Timeline:
+    """One history's signals on any day. What does not depend on the day is worked out once:
+    a band search scores a dozen days of the same history, and the sweep does that for every
+    customer every few weeks of event time."""
+
+    __slots__ = (
+        "_cadence",
+        "_complaints",
+        "_first",
+        "_last",
+        "_low_scores",
+        "_mean_spend",
+        "_params",
+        "_spend",
+        "_t_x",
+        "_touches",
+        "_usual",
+        "_x",
+    )
+
+    def __init__(self, h: History, params: bgnbd.BgNbdParams, typical_gap_days: float):
+        if h.first is None or h.last is None:
+            raise ValueError("no purchase yet: churn signals start with the first purchase")
+        self._first, self._last = h.first.toordinal(), h.last.toordinal()
+        x, self._t_x, _ = bgnbd_inputs(h, h.last)
+        self._x = x
+        self._cadence = (h.last - h.first).days / x if x else None
+        self._usual = self._cadence if self._cadence else typical_gap_days
+        self._mean_spend = sum(h.spend.values()) / len(h.spend) if h.spend else 0.0
+        # In the history's own order: the window sums then add up exactly as they always did.
+        self._spend = tuple((d.toordinal(), v) for d, v in h.spend.items())
+        self._touches = tuple((d.toordinal(), n) for d, n in h.touches.items())
+        self._complaints = tuple(d.toordinal() for d in h.complaints)
+        self._low_scores = tuple(d.toordinal() for d in h.low_scores)
+        self._params = params
+
+    def at(self, today: date) -> Signals:
+        # An event older than the newest purchase (out of order) is judged at the latter.
+        t = max(today.toordinal(), self._last)
+        recent_n = previous_n = 0
+        recent_spend = previous_spend = 0.0
+        for d, v in self._spend:
+            age = t - d
             if 0 <= age < WINDOW_DAYS:
-                recent += v
+                recent_n += 1
+                recent_spend += v
             elif WINDOW_DAYS <= age < 2 * WINDOW_DAYS:
-                previous += v
-        return recent, previous
-
-    counts = {d: 1 for d in h.spend}
-    recent_n, previous_n = windows(counts)
-    recent_spend, previous_spend = windows(h.spend)
-    recent_t, previous_t = windows(h.touches)
-    since = today - timedelta(days=ISSUE_DAYS)
-    return Signals(
-        recency_days=(today - h.last).days,
-        cadence_days=cadence,
-        usual_gap_days=cadence if cadence else typical_gap_days,
-        repeat_purchases=x,
-        age_days=(today - h.first).days,
-        recent_purchases=int(recent_n),
-        previous_purchases=int(previous_n),
-        recent_spend=recent_spend,
-        previous_spend=previous_spend,
-        mean_spend=sum(h.spend.values()) / len(h.spend) if h.spend else 0.0,
-        recent_touches=int(recent_t),
-        previous_touches=int(previous_t),
+                previous_n += 1
+                previous_spend += v
+        recent_t = previous_t = 0
+        for d, n in self._touches:
+            age = t - d
+            if 0 <= age < WINDOW_DAYS:
+                recent_t += n
+            elif WINDOW_DAYS <= age < 2 * WINDOW_DAYS:
+                previous_t += n
         # Not after today: an interaction read before an older purchase (another topic) is in the
         # history already, but it had not happened on the day being judged.
-        complaints=sum(1 for d in h.complaints if since < d <= today),
-        low_scores=sum(1 for d in h.low_scores if since < d <= today),
-        p_alive=bgnbd.p_alive(params, x, t_x, T),
-        expected_purchases=bgnbd.expected_purchases(params, WINDOW_DAYS / 7, x, t_x, T),
-    )
+        since = t - ISSUE_DAYS
+        T = (t - self._first) / 7
+        p = self._params
+        return Signals(
+            recency_days=t - self._last,
+            cadence_days=self._cadence,
+            usual_gap_days=self._usual,
+            repeat_purchases=self._x,
+            age_days=t - self._first,
+            recent_purchases=recent_n,
+            previous_purchases=previous_n,
+            recent_spend=recent_spend,
+            previous_spend=previous_spend,
+            mean_spend=self._mean_spend,
+            recent_touches=recent_t,
+            previous_touches=previous_t,
+            complaints=sum(1 for d in self._complaints if since < d <= t),
+            low_scores=sum(1 for d in self._low_scores if since < d <= t),
+            p_alive=bgnbd.p_alive(p, self._x, self._t_x, T),
+            expected_purchases=bgnbd.expected_purchases(p, WINDOW_DAYS / 7, self._x, self._t_x, T),
+        )

@@ -85,6 +85,38 @@ def test_one_time_buyers_are_measured_against_the_typical_gap():
     assert s.cadence_days is None and s.usual_gap_days == 40.0 and s.recency_ratio == pytest.approx(60 / 40)
 
 
+days_1997 = st.integers(0, 600).map(lambda n: date(1997, 1, 1) + timedelta(days=n))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    spend=st.dictionaries(days_1997, st.floats(0.5, 500.0), min_size=1, max_size=12),
+    touches=st.dictionaries(days_1997, st.integers(1, 3), max_size=6),
+    complaints=st.lists(days_1997, max_size=4),
+    probes=st.lists(days_1997, min_size=1, max_size=8),
+)
+def test_one_timeline_scores_any_day_as_the_windows_define_it(spend, touches, complaints, probes):
+    """A band search asks one Timeline about many days; each answer is the windows' sums on that day."""
+    h = History(first=min(spend), purchase_days=len(spend), spend=spend, touches=touches, complaints=tuple(complaints))
+    timeline = MODEL.timeline(h)
+    edges = [d + timedelta(days=n) for d in [*spend, *touches, *complaints][:4] for n in (89, 90, 179, 180)]
+    for day in probes + edges:
+        s = timeline.at(day)
+        today = max(day, h.last)
+        ages = {d: (today - d).days for d in [*spend, *touches]}
+        recent = [d for d in spend if 0 <= ages[d] < 90]
+        previous = [d for d in spend if 90 <= ages[d] < 180]
+        assert (s.recent_purchases, s.previous_purchases) == (len(recent), len(previous))
+        assert s.recent_spend == pytest.approx(sum(spend[d] for d in recent))
+        assert s.previous_spend == pytest.approx(sum(spend[d] for d in previous))
+        assert s.recent_touches == sum(n for d, n in touches.items() if 0 <= ages[d] < 90)
+        assert s.previous_touches == sum(n for d, n in touches.items() if 90 <= ages[d] < 180)
+        assert s.complaints == sum(1 for d in complaints if today - timedelta(days=180) < d <= today)
+        assert (s.recency_days, s.age_days) == ((today - h.last).days, (today - h.first).days)
+        assert s.p_alive == bgnbd.p_alive(MODEL.params, len(spend) - 1, (h.last - h.first).days / 7, s.age_days / 7)
+        assert s == compute(h, day, MODEL.params, MODEL.typical_gap_days)  # nothing carried from the last day asked
+
+
 def test_as_of_forgets_what_came_later():
     h = History(
         first=date(1997, 1, 1),
