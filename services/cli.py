@@ -619,7 +619,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customers", type=_positive_int, default=3000, help="CDNOW customers in the workload")
     p.add_argument("--naive-events", type=_positive_int, default=3000, help="events through the naive baseline")
     p.add_argument("--latency-seconds", type=float, default=30.0, help="how long load is offered for latency")
-    p.add_argument("--quick", action="store_true", help="skip the full CDNOW master replay (cdnow_replay_seconds)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the full CDNOW master replay (cdnow_replay_seconds, loyalty audit)",
+    )
     p.add_argument(
         "--soak-seconds",
         type=_soak_seconds,

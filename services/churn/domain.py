@@ -323,13 +323,11 @@ class ChurnDomain:
         due = self._next_step_due(st)
         return due is not None and due <= now and band in AT_RISK
 
-    def _reassess(
-        self, st: dict[str, Any], cid: str, now: datetime, *, cause: Event | None, assessment: Assessment | None = None
-    ) -> list[Event]:
+    def _reassess(self, st: dict[str, Any], cid: str, now: datetime, *, cause: Event | None) -> list[Event]:
         """Record the current assessment in `st` (a copy) and return what it leads to."""
         if st["first"] is None:
             return []
-        a = assessment or self._assessment(st, now)
+        a = self._assessment(st, now)
         previous = st["risk"]["band"] if st["risk"] else None
         derived: list[Event] = []
         since, changes = (st["risk"]["since"], st["risk"].get("changes", 0)) if st["risk"] else (None, 0)

@@ -25,6 +25,7 @@ from services.churn.bootstrap import bootstrap_model
 from services.churn.domain import ChurnDomain, history
 from services.churn.model import auc
 from services.churn.signals import History, compute
+from tests.support.churn_reference import reference_compute
 from tests.support.events import T0, buy, ev
 
 MODEL = bootstrap_model()
@@ -88,33 +89,39 @@ def test_one_time_buyers_are_measured_against_the_typical_gap():
 days_1997 = st.integers(0, 600).map(lambda n: date(1997, 1, 1) + timedelta(days=n))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    spend=st.dictionaries(days_1997, st.floats(0.5, 500.0), min_size=1, max_size=12),
+    spend=st.dictionaries(days_1997, st.floats(0.01, 500.0) | st.integers(1, 300), min_size=1, max_size=12),
     touches=st.dictionaries(days_1997, st.integers(1, 3), max_size=6),
     complaints=st.lists(days_1997, max_size=4),
-    probes=st.lists(days_1997, min_size=1, max_size=8),
+    low_scores=st.lists(days_1997, max_size=4),
+    trimmed=st.integers(0, 3),  # purchase days trimmed from `spend` (older than the kept history)
+    probes=st.lists(days_1997, min_size=1, max_size=6),
 )
-def test_one_timeline_scores_any_day_as_the_windows_define_it(spend, touches, complaints, probes):
-    """A band search asks one Timeline about many days; each answer is the windows' sums on that day."""
-    h = History(first=min(spend), purchase_days=len(spend), spend=spend, touches=touches, complaints=tuple(complaints))
+def test_one_timeline_scores_every_day_as_the_reference_does_to_the_bit(
+    spend, touches, complaints, low_scores, trimmed, probes
+):
+    """A band search asks one Timeline about many days: each answer must be what the straightforward
+    computation (tests/support/churn_reference.py) gives for that day alone, every field and type."""
+    first = min(spend) - timedelta(days=30 * trimmed)
+    h = History(
+        first=first,
+        purchase_days=len(spend) + trimmed,
+        spend=spend,
+        touches=touches,
+        complaints=tuple(complaints),
+        low_scores=tuple(low_scores),
+    )
     timeline = MODEL.timeline(h)
-    edges = [d + timedelta(days=n) for d in [*spend, *touches, *complaints][:4] for n in (89, 90, 179, 180)]
-    for day in probes + edges:
-        s = timeline.at(day)
-        today = max(day, h.last)
-        ages = {d: (today - d).days for d in [*spend, *touches]}
-        recent = [d for d in spend if 0 <= ages[d] < 90]
-        previous = [d for d in spend if 90 <= ages[d] < 180]
-        assert (s.recent_purchases, s.previous_purchases) == (len(recent), len(previous))
-        assert s.recent_spend == pytest.approx(sum(spend[d] for d in recent))
-        assert s.previous_spend == pytest.approx(sum(spend[d] for d in previous))
-        assert s.recent_touches == sum(n for d, n in touches.items() if 0 <= ages[d] < 90)
-        assert s.previous_touches == sum(n for d, n in touches.items() if 90 <= ages[d] < 180)
-        assert s.complaints == sum(1 for d in complaints if today - timedelta(days=180) < d <= today)
-        assert (s.recency_days, s.age_days) == ((today - h.last).days, (today - h.first).days)
-        assert s.p_alive == bgnbd.p_alive(MODEL.params, len(spend) - 1, (h.last - h.first).days / 7, s.age_days / 7)
-        assert s == compute(h, day, MODEL.params, MODEL.typical_gap_days)  # nothing carried from the last day asked
+    dates = [*spend, *touches, *complaints, *low_scores]
+    edges = [d + timedelta(days=n) for d in dates for n in (-1, 0, 89, 90, 179, 180, 181)]
+    for day in [*probes, *edges, first - timedelta(days=3)]:
+        got = timeline.at(day)
+        want = reference_compute(h, day, MODEL.params, MODEL.typical_gap_days)
+        for name in want.__dataclass_fields__:
+            g, w = getattr(got, name), getattr(want, name)
+            assert (g, type(g)) == (w, type(w)), (name, day)
+    assert compute(h, probes[0], MODEL.params, MODEL.typical_gap_days) == timeline.at(probes[0])
 
 
 def test_as_of_forgets_what_came_later():
