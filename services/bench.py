@@ -40,7 +40,7 @@ from contracts import watermark as wm
 from services.runtime.turns import StoreTurns
 from services.stack import dashboard
 from services.stack.secrets import fresh
-from services.stack.servers import Stack, StackError, StackSettings
+from services.stack.servers import Stack, StackError, StackSettings, read_pid
 from services.stack.supervisor import Child, Supervisor
 
 SERVICES = ("profile", "loyalty", "churn", "notify")
@@ -146,8 +146,29 @@ class Fleet:
                     out[child.name.removeprefix("bench-")] = round(int(line.split()[1]) / 1024, 1)
         return out
 
+    def pids(self) -> dict[str, int]:
+        return {c.name.removeprefix("bench-"): c.proc.pid for c in self.supervisor.children if c.proc is not None}
+
     def stop(self) -> None:
         self.supervisor.stop_all()
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (/proc/PID/stat), or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def _cpu_used(before: dict[str, float | None], after: dict[str, float | None], seconds: float) -> dict:
+    """Cores each process used on average over `seconds` (1.0 = one core all the time)."""
+    return {
+        name: round((after[name] - b) / seconds, 3)
+        for name, b in before.items()
+        if b is not None and after.get(name) is not None
+    }
 
 
 def _shop_stream(customers: int) -> list:
@@ -319,6 +340,10 @@ async def e2e(stack, state, stream: list, log) -> dict:
         await fleet.start()
         common = fleet.common()
         shop = len(stream)
+        # Where the two cores go while the phase runs: the services, the store, the broker, this process.
+        servers = {n: read_pid(stack.run_dir / f"{n}.pid") for n in ("mongo", "kafka")}
+        procs = {**fleet.pids(), **{n: pid for n, pid in servers.items() if pid}, "bench": os.getpid()}
+        cpu_before = {n: _cpu_seconds(pid) for n, pid in procs.items()}
         started = time.monotonic()
         # As `crm up --replay cdnow --speed max` plays them: day by day, with the shop topics'
         # watermarks. Without them the event clock moved with whichever partition was behind, so
@@ -332,6 +357,7 @@ async def e2e(stack, state, stream: list, log) -> dict:
 
         await fleet.wait(consumed_all, 3600)
         seconds = time.monotonic() - started
+        cpu = _cpu_used(cpu_before, {n: _cpu_seconds(pid) for n, pid in procs.items()}, seconds)
         log(f"e2e: {shop:,} shop events through profile, loyalty and churn in {seconds:.1f}s")
         snap = await fleet.settle(3600)
         log(f"e2e: every service settled (notify included) after {time.monotonic() - started:.1f}s")
@@ -347,6 +373,7 @@ async def e2e(stack, state, stream: list, log) -> dict:
             "writes": writes,
             "batches": batches,
             "rss_mb_peak": fleet.rss_peak_mb(),
+            "cpu_cores": cpu,
             "sample": sample,
         }
     finally:
@@ -781,6 +808,9 @@ async def _measure(
         "store_writes_per_shop_event_W": round(w, 3),
         "batches": run_e2e["batches"],
         "rss_mb_peak": run_e2e["rss_mb_peak"],
+        # Cores used on average from the first event published until profile, loyalty and churn had
+        # consumed the last (2.0 = both cores of this machine all the time).
+        "e2e_cpu_cores": run_e2e["cpu_cores"],
         "cdnow_replay_seconds": None if replay_s is None else round(replay_s, 1),
         "cdnow_replay_loyalty_audit": replay_audit,
         "soak": soaked,

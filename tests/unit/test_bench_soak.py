@@ -1,4 +1,5 @@
-"""The soak's verdicts: RSS growth measured after the warm-up, lag bounded unless it keeps climbing."""
+"""The soak's verdicts: RSS growth measured after the warm-up, lag bounded unless it keeps climbing;
+and the CPU share per process the e2e phase reports."""
 
 import argparse
 import os
@@ -113,3 +114,14 @@ def test_a_bench_holds_its_directory_from_clean_up_to_clean_up(tmp_path, monkeyp
     # Leftovers and its own processes are stopped services first, also when the start-up failed.
     assert first[0] == "down" and last[0] == "down" and first[1][:4] == services and last[1] == first[1]
     os.close(bench._only_bench(tmp_path))  # and the directory is free again
+
+
+def test_cpu_used_is_cores_over_the_phase_and_skips_processes_that_went():
+    from services.bench import _cpu_seconds, _cpu_used
+
+    mine = _cpu_seconds(os.getpid())
+    assert mine is not None and mine > 0
+    assert _cpu_seconds(2**22 + 12345) is None  # no such process
+    before = {"store": 10.0, "churn": 4.0, "gone": 1.0, "late": None}
+    after = {"store": 25.0, "churn": 4.5, "gone": None, "late": 3.0}
+    assert _cpu_used(before, after, 20.0) == {"store": 0.75, "churn": 0.025}
