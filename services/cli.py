@@ -572,6 +572,11 @@ def _soak_seconds(text: str) -> float:
 def cmd_bench(args: argparse.Namespace) -> int:
     from services import bench
 
+    # Started in the background from a script, a process inherits SIGINT ignored, and `kill -INT`
+    # did nothing to a bench. With Python's handler, it stops through its clean-up (services, then
+    # servers) and exits 130, as from a terminal.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 

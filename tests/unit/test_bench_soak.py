@@ -125,3 +125,21 @@ def test_cpu_used_is_cores_over_the_phase_and_skips_processes_that_went():
     before = {"store": 10.0, "churn": 4.0, "gone": 1.0, "late": None}
     after = {"store": 25.0, "churn": 4.5, "gone": None, "late": 3.0}
     assert _cpu_used(before, after, 20.0) == {"store": 0.75, "churn": 0.025}
+
+
+def test_a_bench_started_with_sigint_ignored_still_stops_on_it(monkeypatch, tmp_path):
+    """A background job of a script inherits SIGINT ignored; the bench must still stop through its clean-up."""
+    import signal
+
+    from services import bench
+    from services.cli import build_parser
+
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda *a, **k: seen.append(signal.getsignal(signal.SIGINT)) or {"ok": True})
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        args = build_parser().parse_args(["bench", "--quick", "--json", str(tmp_path / "b.json")])
+        assert args.func(args) == 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.default_int_handler]
