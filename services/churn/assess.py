@@ -125,7 +125,7 @@ class Assessor:
     """Scores one history at any number of days, computing its baseline once."""
 
     def __init__(self, model: RiskModel, h: History, rules: BandRules):
-        self.model, self.h, self.rules = model, h, rules
+        self.model, self.rules = model, rules
         last = h.last
         assert last is not None
         self.then = model.signals(h.as_of(last), last)
