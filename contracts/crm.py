@@ -78,7 +78,7 @@ class SegmentChangedData(CrmPayload):
 
 
 class SegmentChanged(CrmEvent):
-    TOPIC: ClassVar[str] = topics.CRM_PROFILE
+    TOPIC: ClassVar[str] = topics.CRM_SEGMENTS
     type: Literal["SegmentChanged"] = "SegmentChanged"
     schema_version: Literal[1] = 1
     data: SegmentChangedData
@@ -90,7 +90,7 @@ class LifecycleStageChangedData(CrmPayload):
 
 
 class LifecycleStageChanged(CrmEvent):
-    TOPIC: ClassVar[str] = topics.CRM_PROFILE
+    TOPIC: ClassVar[str] = topics.CRM_SEGMENTS
     type: Literal["LifecycleStageChanged"] = "LifecycleStageChanged"
     schema_version: Literal[1] = 1
     data: LifecycleStageChangedData
@@ -244,7 +244,7 @@ class TierChangedData(CrmPayload):
 
 
 class TierChanged(CrmEvent):
-    TOPIC: ClassVar[str] = topics.CRM_LOYALTY
+    TOPIC: ClassVar[str] = topics.CRM_TIERS
     type: Literal["TierChanged"] = "TierChanged"
     schema_version: Literal[1] = 1
     data: TierChangedData
@@ -356,7 +356,8 @@ class NotificationSuppressed(CrmEvent):
     data: NotificationSuppressedData
 
 
-PROFILE_EVENTS = (ProfileUpdated, SegmentChanged, LifecycleStageChanged, CustomerErased)
+PROFILE_EVENTS = (ProfileUpdated, CustomerErased)
+SEGMENT_EVENTS = (SegmentChanged, LifecycleStageChanged)
 CARE_EVENTS = (CareRequested,)
 RETENTION_EVENTS = (RetentionRequested, RetentionTaskCreated)
 LOYALTY_EVENTS = (
@@ -364,9 +365,9 @@ LOYALTY_EVENTS = (
     PointsRedeemed,
     PointsExpired,
     PointsReversed,
-    TierChanged,
     RedemptionRejected,
 )
+TIER_EVENTS = (TierChanged,)
 REFERRAL_EVENTS = (ReferralQualified,)
 CHURN_EVENTS = (ChurnRiskChanged, CustomerWonBack)
 NOTIFICATION_EVENTS = (NotificationSent, NotificationFailed, NotificationSuppressed)

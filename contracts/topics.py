@@ -2,8 +2,14 @@
 
 SHOP_PURCHASES = "shop.purchases"
 SHOP_INTERACTIONS = "shop.interactions"
-CRM_PROFILE = "crm.profile"
-CRM_LOYALTY = "crm.loyalty"
+# What a consumer of the profile or the ledger needs is on a topic with nothing else: churn and
+# notify read every profile snapshot, churn every tier change. When segment and stage changes
+# shared crm.profile and tier changes crm.loyalty, churn parsed and skipped two records of every
+# three it read (docs/BENCHMARKS.md).
+CRM_PROFILE = "crm.profile"  # profile snapshots and erasures
+CRM_SEGMENTS = "crm.segments"  # segment and lifecycle-stage changes (campaigns, analytics)
+CRM_LOYALTY = "crm.loyalty"  # the points ledger's movements
+CRM_TIERS = "crm.tiers"  # tier changes
 # Loyalty's hand-over of a referrer's reward to the replica that owns the referrer: a topic of its
 # own, so that loyalty does not read its whole output (every ledger event) to find them.
 CRM_REFERRALS = "crm.referrals"
@@ -16,7 +22,9 @@ ALL = (
     SHOP_PURCHASES,
     SHOP_INTERACTIONS,
     CRM_PROFILE,
+    CRM_SEGMENTS,
     CRM_LOYALTY,
+    CRM_TIERS,
     CRM_REFERRALS,
     CRM_CHURN,
     CRM_CARE,

@@ -194,7 +194,7 @@ def build(
     domain = ChurnDomain(bootstrap_model(), settings.band_rules(), settings.ladder_rules())
     spec = ServiceSpec(
         name="churn",
-        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_PROFILE, topics.CRM_LOYALTY],
+        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_PROFILE, topics.CRM_TIERS],
         domain=domain,
         make_store=lambda db, codec: ChurnStore(db, codec),
     )

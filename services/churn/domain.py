@@ -151,8 +151,8 @@ class ChurnDomain:
         self._band_changes, self._assessors = {}, OrderedDict()
 
     def wants(self, event: Event) -> bool:
-        # Churn reads crm.profile and crm.loyalty for two event types of many: the others would each
-        # cost a dedup entry and a document write that changes nothing.
+        # Registrations, refunds, consent changes and redemption requests share the shop topics:
+        # each would cost a dedup entry and a document write that changes nothing.
         return isinstance(event, ORDERED + self.ERASING)
 
     # --- events -------------------------------------------------------------------------------

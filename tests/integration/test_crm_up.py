@@ -144,8 +144,9 @@ def test_a_real_prometheus_scrapes_every_service_and_loads_the_rules(crm_up, tmp
     try:
         # Points appear once loyalty's event clock has passed the first purchases: on a slow machine
         # (2026-11-26: the store three times slower than usual) that took more than 90 s, while
-        # loyalty's clock also waited for its own crm.loyalty topic, which the first day fills with
-        # 10,000 TierChanged events. Loyalty now reads crm.referrals instead; the wait stays generous.
+        # loyalty's clock also waited for its own crm.loyalty topic, which the first day filled with
+        # 10,000 TierChanged events (now on crm.tiers). Loyalty reads crm.referrals instead; the wait
+        # stays generous.
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:

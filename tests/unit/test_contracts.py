@@ -203,5 +203,5 @@ def test_a_first_lifecycle_stage_round_trips():
         customer_id="c1",
         data=LifecycleStageChangedData(from_stage=None, to_stage="new"),
     )
-    parsed = registry_for("crm.profile").parse(ev.to_bytes(), b"c1")
+    parsed = registry_for("crm.segments").parse(ev.to_bytes(), b"c1")
     assert parsed.data.from_stage is None
