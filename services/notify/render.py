@@ -43,6 +43,9 @@ class Renderer:
             autoescape=select_autoescape(["html"], default_for_string=False),
             trim_blocks=True,
             lstrip_blocks=True,
+            # Templates are read once: checking their files' times on every render (Jinja2's
+            # default) was two stat calls per message; a template change needs a restart.
+            auto_reload=False,
         )
         self.locales = sorted(p.name for p in directory.iterdir() if p.is_dir())
 
