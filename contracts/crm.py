@@ -35,7 +35,7 @@ class CrmEvent(Event):
     pass
 
 
-# crm.profile ---------------------------------------------------------------
+# crm.profile and crm.segments ------------------------------------------------
 
 ValueTier = Literal["vip", "high", "medium", "low"]
 LifecycleStage = Literal["new", "growing", "mature", "declining", "lost"]
@@ -177,7 +177,7 @@ class RetentionTaskCreated(CrmEvent):
     data: RetentionTaskCreatedData
 
 
-# crm.loyalty ---------------------------------------------------------------
+# crm.loyalty, crm.tiers and crm.referrals -------------------------------------
 
 
 class PointsEarnedData(CrmPayload):

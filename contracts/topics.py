@@ -35,3 +35,13 @@ ALL = (
 
 def dlq(topic: str) -> str:
     return f"{topic}.dlq"
+
+
+# Event types that moved to a topic of their own, by the topic they left. A stored outbox entry
+# names its topic, and one stored by an earlier version names the old one: the runtime sends it
+# to the new topic instead (services/runtime/statestore.py, `OutboxEntry.from_doc`), where the
+# old topic's readers would dead-letter it or no service would read it.
+MOVED: dict[str, dict[str, str]] = {
+    CRM_PROFILE: {"SegmentChanged": CRM_SEGMENTS, "LifecycleStageChanged": CRM_SEGMENTS},
+    CRM_LOYALTY: {"TierChanged": CRM_TIERS, "ReferralQualified": CRM_REFERRALS},
+}

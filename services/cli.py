@@ -313,7 +313,8 @@ def _summary(sent: int, seconds: float, snap, ports: dict[str, int], stack: Stac
         console.print(f"{name}: http://127.0.0.1:{port}/metrics  (read API: see README, 'The crm command')")
     console.print(
         "customers: crm customer ID   segments: crm segments   ledger: crm loyalty audit   "
-        "dead letters: crm dlq list shop.purchases (and shop.interactions, crm.care, crm.retention)"
+        "dead letters: crm dlq list shop.purchases (and the other topics read: shop.interactions, crm.profile, "
+        "crm.tiers, crm.referrals, crm.care, crm.retention)"
     )
 
 

@@ -151,8 +151,8 @@ class ChurnDomain:
         self._band_changes, self._assessors = {}, OrderedDict()
 
     def wants(self, event: Event) -> bool:
-        # Registrations, refunds, consent changes and redemption requests share the shop topics:
-        # each would cost a dedup entry and a document write that changes nothing.
+        # Registrations and customer updates, consent changes, redemption requests and refunds share
+        # the shop topics: each would cost a dedup entry and a document write that changes nothing.
         return isinstance(event, ORDERED + self.ERASING)
 
     # --- events -------------------------------------------------------------------------------

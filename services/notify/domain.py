@@ -120,8 +120,8 @@ class NotifyDomain:
 
     # -- events ---------------------------------------------------------------
     def wants(self, event: Event) -> bool:
-        # Erasures share crm.profile (the care requests carry what notify needs), account-manager
-        # tasks crm.retention: nothing to send, so no dedup entry and no write either.
+        # Account-manager tasks (RetentionTaskCreated) share crm.retention: nothing to send, so no
+        # dedup entry and no write either.
         return isinstance(event, self.WANTED)
 
     def apply(self, state, event: Event, now: datetime):

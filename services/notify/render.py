@@ -24,7 +24,8 @@ UNSUBSCRIBE_LABEL = {"en": "Unsubscribe from these e-mails", "zh": "退订此类
 
 
 class RenderError(ValueError):
-    """A template is missing or broken: an operator fixes it, then replays the dead letter."""
+    """A template is missing or broken: an operator fixes it, restarts notify (templates are read
+    once per process), then replays the dead letter."""
 
 
 @dataclass(frozen=True)

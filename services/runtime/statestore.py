@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import pickle
 import weakref
@@ -51,6 +52,7 @@ from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, OperationFailure
 
+from contracts import topics
 from services.runtime.turns import StoreTurns
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,23 @@ class OutboxEntry:
 
     @classmethod
     def from_doc(cls, d: dict[str, Any], codec: Codec) -> OutboxEntry:
-        return cls(d["t"], d["id"], codec.unseal(bytes(d["v"])), bytes(d["k"]))
+        value = codec.unseal(bytes(d["v"]))
+        return cls(current_topic(d["t"], value), d["id"], value, bytes(d["k"]))
+
+
+def current_topic(stored: str, value: bytes) -> str:
+    """Where a stored outbox entry goes now: one written before its event type moved to a topic of
+    its own (contracts.topics.MOVED) names the topic the type left. Entries stay in the store
+    until the document's next write, so after an upgrade every customer's last events are
+    published again from there (and dropped as repeats by their consumers)."""
+    moved = topics.MOVED.get(stored)
+    if not moved:
+        return stored
+    try:
+        etype = json.loads(value).get("type")
+    except (ValueError, AttributeError):
+        return stored  # not an event: its old topic's readers dead-letter it, with the reason
+    return moved.get(etype, stored)
 
 
 @dataclass(slots=True, weakref_slot=True)

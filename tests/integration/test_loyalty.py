@@ -340,8 +340,8 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert await _count(n, "crm.referrals") == referrals  # no hand-over twice
     print(
         f"\nCDNOW master, {customers or 'all'} customers: {first.accounts} accounts, {first.entries} entries "
-        f"({pages} ledger pages), {first.points_outstanding} points outstanding, {loyalty_events} loyalty events, "
-        f"{referrals} referrals"
+        f"({pages} ledger pages), {first.points_outstanding} points outstanding, {loyalty_events} ledger events, "
+        f"{tier_changes} tier changes, {referrals} referrals"
     )
 
 

@@ -205,3 +205,11 @@ def test_a_first_lifecycle_stage_round_trips():
     )
     parsed = registry_for("crm.segments").parse(ev.to_bytes(), b"c1")
     assert parsed.data.from_stage is None
+
+
+def test_every_event_type_names_the_topic_it_is_registered_on():
+    # A service publishes to its event's TOPIC, and its readers accept the types registered on
+    # that topic: the two must agree, or the events are dead-lettered as unknown.
+    for topic, models in EVENTS_BY_TOPIC.items():
+        for model in models:
+            assert topic == model.TOPIC, (model.__name__, model.TOPIC, topic)

@@ -414,3 +414,32 @@ def test_the_tally_is_exported_per_label_at_scrape_time():
     tally.move(None, (("bands", "low"), ("ladder_steps", "0")))
     snap = dashboard.parse({"churn": generate_latest(registry).decode()})
     assert snap.risk_bands == {"high": 2, "low": 1}
+
+
+def test_a_stored_outbox_entry_of_a_moved_event_type_goes_to_its_new_topic():
+    codec = PlainCodec()
+
+    def stored(topic: str, etype: str) -> str:
+        value = json.dumps({"event_id": "e1", "type": etype, "customer_id": "c1"}).encode()
+        return OutboxEntry.from_doc({"t": topic, "id": "e1", "v": value, "k": b"c1"}, codec).topic
+
+    assert stored("crm.profile", "SegmentChanged") == "crm.segments"
+    assert stored("crm.profile", "LifecycleStageChanged") == "crm.segments"
+    assert stored("crm.loyalty", "TierChanged") == "crm.tiers"
+    assert stored("crm.loyalty", "ReferralQualified") == "crm.referrals"
+    # What did not move stays where it was stored.
+    assert stored("crm.profile", "ProfileUpdated") == "crm.profile"
+    assert stored("crm.loyalty", "PointsEarned") == "crm.loyalty"
+    assert stored("crm.care", "SegmentChanged") == "crm.care"
+    bad = OutboxEntry.from_doc({"t": "crm.profile", "id": "x", "v": b"\xff not json", "k": b"c1"}, codec)
+    assert bad.topic == "crm.profile" and bad.value == b"\xff not json"
+
+
+def test_every_moved_event_type_now_lives_on_the_topic_it_moved_to():
+    from contracts import EVENTS_BY_TOPIC
+    from contracts.topics import MOVED
+
+    for left, moves in MOVED.items():
+        for etype, topic in moves.items():
+            assert etype in {m.__name__ for m in EVENTS_BY_TOPIC[topic]}
+            assert etype not in {m.__name__ for m in EVENTS_BY_TOPIC[left]}
