@@ -18,6 +18,11 @@ EVENTS_BY_TOPIC: dict[str, tuple[type[Event], ...]] = {
 }
 
 
+# Where each event type is published now (every type lives on one topic; a unit test checks that
+# each model's TOPIC agrees).
+TOPIC_OF_TYPE: dict[str, str] = {m.__name__: t for t, models in EVENTS_BY_TOPIC.items() for m in models}
+
+
 def registry_for(*topic_names: str, max_bytes: int = 1_000_000) -> Registry:
     models = [m for t in topic_names for m in EVENTS_BY_TOPIC[t]]
     return Registry.of(*models, max_bytes=max_bytes)
@@ -25,6 +30,7 @@ def registry_for(*topic_names: str, max_bytes: int = 1_000_000) -> Registry:
 
 __all__ = [
     "EVENTS_BY_TOPIC",
+    "TOPIC_OF_TYPE",
     "Event",
     "InvalidMessage",
     "Registry",

@@ -37,11 +37,10 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-# Event types that moved to a topic of their own, by the topic they left. A stored outbox entry
-# names its topic, and one stored by an earlier version names the old one: the runtime sends it
-# to the new topic instead (services/runtime/statestore.py, `OutboxEntry.from_doc`), where the
-# old topic's readers would dead-letter it or no service would read it.
-MOVED: dict[str, dict[str, str]] = {
-    CRM_PROFILE: {"SegmentChanged": CRM_SEGMENTS, "LifecycleStageChanged": CRM_SEGMENTS},
-    CRM_LOYALTY: {"TierChanged": CRM_TIERS, "ReferralQualified": CRM_REFERRALS},
-}
+# Topics that event types left for a topic of their own: referral hand-overs crm.loyalty ->
+# crm.referrals (dbfa1cd), segment and stage changes crm.profile -> crm.segments and tier changes
+# crm.loyalty -> crm.tiers (0e276fb). A stored outbox entry names its topic, and one stored before
+# the move names the old one, whose readers would dead-letter it or which no service reads: the
+# runtime sends an entry stored under one of these to its type's topic instead
+# (services/runtime/statestore.py, `current_topic`).
+LEFT_BY_TYPES = frozenset({CRM_PROFILE, CRM_LOYALTY})

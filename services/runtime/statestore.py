@@ -52,7 +52,7 @@ from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, OperationFailure
 
-from contracts import topics
+from contracts import TOPIC_OF_TYPE, topics
 from services.runtime.turns import StoreTurns
 
 log = logging.getLogger(__name__)
@@ -104,17 +104,16 @@ class OutboxEntry:
 
 def current_topic(stored: str, value: bytes) -> str:
     """Where a stored outbox entry goes now: one written before its event type moved to a topic of
-    its own (contracts.topics.MOVED) names the topic the type left. Entries stay in the store
-    until the document's next write, so after an upgrade every customer's last events are
+    its own names the topic the type left (contracts.topics.LEFT_BY_TYPES). Entries stay in the
+    store until the document's next write, so after an upgrade every customer's last events are
     published again from there (and dropped as repeats by their consumers)."""
-    moved = topics.MOVED.get(stored)
-    if not moved:
-        return stored
+    if stored not in topics.LEFT_BY_TYPES:
+        return stored  # no type left it: no need to read the entry
     try:
         etype = json.loads(value).get("type")
     except (ValueError, AttributeError):
         return stored  # not an event: its old topic's readers dead-letter it, with the reason
-    return moved.get(etype, stored)
+    return TOPIC_OF_TYPE.get(etype, stored)
 
 
 @dataclass(slots=True, weakref_slot=True)
