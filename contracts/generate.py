@@ -18,7 +18,8 @@ HERE = Path(__file__).parent
 ASYNCAPI_PATH = HERE / "asyncapi.json"
 SCHEMA_DIR = HERE / "schemas"
 
-# Who consumes what (for the document; the services' code is the source of truth at run time).
+# Who consumes what, for the document. The services read what their `CONSUMES` says; a unit test
+# (tests/unit/test_wiring.py) checks that this table agrees.
 CONSUMERS = {
     topics.SHOP_PURCHASES: ["profile", "loyalty", "churn"],
     topics.SHOP_INTERACTIONS: ["profile", "loyalty", "churn"],

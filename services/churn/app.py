@@ -27,6 +27,10 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
+# The topics this service reads. Unit tests check that the AsyncAPI document's consumers
+# (contracts/generate.py) agree, and that every event type the domain wants is on one of them.
+CONSUMES = (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_PROFILE, topics.CRM_TIERS)
+
 
 def customer_view(cid: str, state: dict, domain: ChurnDomain, today: date) -> dict:
     """The stored assessment, and the signals as they stand today under the current model."""
@@ -194,7 +198,7 @@ def build(
     domain = ChurnDomain(bootstrap_model(), settings.band_rules(), settings.ladder_rules())
     spec = ServiceSpec(
         name="churn",
-        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_PROFILE, topics.CRM_TIERS],
+        consumes=CONSUMES,
         domain=domain,
         make_store=lambda db, codec: ChurnStore(db, codec),
     )

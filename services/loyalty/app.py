@@ -24,6 +24,10 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
+# The topics this service reads. Unit tests check that the AsyncAPI document's consumers
+# (contracts/generate.py) agree, and that every event type the domain wants is on one of them.
+CONSUMES = (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_REFERRALS)
+
 
 def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date, recent: list[dict]) -> dict:
     """The account as the read API shows it; `recent` are its last entries, from its closed pages too."""
@@ -122,7 +126,7 @@ def build(
     domain = LoyaltyDomain(settings.rules())
     spec = ServiceSpec(
         name="loyalty",
-        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_REFERRALS],
+        consumes=CONSUMES,
         domain=domain,
         make_store=lambda db, _codec: LoyaltyStore(db, settings.ledger_page_entries),
     )

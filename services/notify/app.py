@@ -31,6 +31,10 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
+# The topics this service reads. Unit tests check that the AsyncAPI document's consumers
+# (contracts/generate.py) agree, and that every event type the domain wants is on one of them.
+CONSUMES = (topics.CRM_CARE, topics.CRM_RETENTION, topics.CRM_PROFILE)
+
 # Replies that opt a number out of SMS (carriers' usual keywords, and the Chinese 退订 / TD).
 STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "退订", "TD"})
 
@@ -197,7 +201,7 @@ def build(
     channel_senders = senders(settings, client)
     spec = ServiceSpec(
         name="notify",
-        consumes=[topics.CRM_CARE, topics.CRM_RETENTION, topics.CRM_PROFILE],
+        consumes=CONSUMES,
         domain=domain,
         codec=codec,
         make_store=lambda db, c: NotifyStore(db, c, hasher),

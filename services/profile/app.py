@@ -27,6 +27,10 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
+# The topics this service reads. Unit tests check that the AsyncAPI document's consumers
+# (contracts/generate.py) agree, and that every event type the domain wants is on one of them.
+CONSUMES = (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)
+
 
 def rules_from(s: ProfileSettings) -> ProfileRules:
     return ProfileRules(
@@ -147,7 +151,7 @@ def build(
     domain = ProfileDomain(rules)
     spec = ServiceSpec(
         name="profile",
-        consumes=[topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS],
+        consumes=CONSUMES,
         domain=domain,
         codec=codec,
         make_store=lambda db, c: ProfileStore(db, c, hasher),

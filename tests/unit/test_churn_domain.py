@@ -462,17 +462,3 @@ def test_held_events_keep_no_personal_data_and_erasure_drops_them():
     erasure = ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="r1", reason="asked"), T0)
     erased, _ = d.apply(state, erasure, early)
     assert erased["held"] == [] and erased["erased"]
-
-
-def test_churn_wants_only_the_events_it_uses():
-    from contracts.crm import PointsEarned, PointsEarnedData, SegmentChanged, SegmentChangedData
-
-    d = ChurnDomain(MODEL)
-    points = ev(PointsEarned, PointsEarnedData(reason="order", points=10, balance=10))
-    segment = ev(
-        SegmentChanged, SegmentChangedData(to_segment="new", recency_score=5, frequency_score=1, monetary_score=1)
-    )
-    assert not d.wants(points) and not d.wants(segment)  # no dedup entry, no write
-    snapshot = ev(ProfileUpdated, ProfileUpdatedData(value_tier="vip"))
-    assert d.wants(buy()) and d.wants(snapshot)
-    assert d.wants(ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="r", reason="asked")))

@@ -252,21 +252,3 @@ def test_a_request_past_its_deadline_is_not_sent_whatever_the_marketing_max_age(
     on_time, out = run(d, [profile(), care(kind="birthday_greeting", purpose="marketing",
                                            not_after=NOON + timedelta(hours=6))], now=NOON)  # fmt: skip
     assert [j["status"] for j in on_time["jobs"].values()] == ["queued"]
-
-
-def test_notify_wants_requests_snapshots_and_erasure_only():
-    from contracts.crm import RetentionTaskCreated, RetentionTaskCreatedData, SegmentChanged, SegmentChangedData
-
-    def event(cls, data):
-        return cls(event_id=uuid.uuid4(), occurred_at=datetime(1997, 5, 1, tzinfo=UTC), producer="t", customer_id="c1",
-                   data=data)  # fmt: skip
-
-    d = NotifyDomain(NotifyRules())
-    assert not d.wants(event(RetentionTaskCreated, RetentionTaskCreatedData(risk_score=0.9)))
-    assert not d.wants(
-        event(
-            SegmentChanged, SegmentChangedData(to_segment="new", recency_score=5, frequency_score=1, monetary_score=1)
-        )
-    )
-    assert d.wants(event(CareRequested, CareRequestedData(kind="welcome", purpose="transactional")))
-    assert d.wants(event(CustomerErased, CustomerErasedData(request_id="r1")))
