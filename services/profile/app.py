@@ -27,8 +27,8 @@ from services.runtime.settings import CommonSettings
 
 log = logging.getLogger(__name__)
 
-# The topics this service reads. Unit tests check that the AsyncAPI document's consumers
-# (contracts/generate.py) agree, and that every event type the domain wants is on one of them.
+# The topics this service reads; a unit test checks that the AsyncAPI document's consumers
+# (contracts/generate.py) agree. Profile wants every event on them.
 CONSUMES = (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)
 
 

@@ -30,8 +30,9 @@ def _wanted(domain) -> set[type]:
 
 
 def test_the_asyncapi_consumers_are_the_topics_the_services_read():
+    assert set(CONSUMERS) == set(EVENTS_BY_TOPIC)
     readers = {t: sorted(s for s, read in READS.items() if t in read) for t in EVENTS_BY_TOPIC}
-    assert readers == {t: sorted(CONSUMERS.get(t, [])) for t in EVENTS_BY_TOPIC}
+    assert readers == {t: sorted(CONSUMERS[t]) for t in EVENTS_BY_TOPIC}
 
 
 @pytest.mark.parametrize(
