@@ -276,6 +276,9 @@ class _View:
     def __init__(self, ports: dict[str, int], live, every: float):
         self.ports, self.live, self.every = ports, live, every
         self.last: tuple[float, object] | None = None
+        # The last status line's snapshot: `--exit-when-done` scrapes every half second while it
+        # waits for the services to settle, and the lines must keep coming every `every` seconds.
+        self.shown: tuple[float, object] | None = None
         self.snap = None
 
     def tick(self, headline: str, force: bool = False):
@@ -285,13 +288,19 @@ class _View:
         if not force and self.last is not None and now - self.last[0] < self.every:
             return self.snap
         snap = dashboard.parse(dashboard.scrape(self.ports))
-        per_second = dashboard.rates(self.last[1] if self.last else None, snap, now - self.last[0] if self.last else 0)
-        self.last, self.snap = (now, snap), snap
         if self.live is not None:
-            self.live.update(dashboard.render(snap, per_second, headline))
-        elif not force:
-            print(dashboard.status_line(snap, per_second, headline), flush=True)
+            self.live.update(dashboard.render(snap, _rates(self.last, snap, now), headline))
+        elif self.shown is None or now - self.shown[0] >= self.every:
+            print(dashboard.status_line(snap, _rates(self.shown, snap, now), headline), flush=True)
+            self.shown = (now, snap)
+        self.last, self.snap = (now, snap), snap
         return snap
+
+
+def _rates(before: tuple[float, object] | None, snap, now: float):
+    from services.stack import dashboard
+
+    return dashboard.rates(before[1] if before else None, snap, now - before[0] if before else 0)
 
 
 def _summary(sent: int, seconds: float, snap, ports: dict[str, int], stack: Stack) -> None:

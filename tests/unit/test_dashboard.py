@@ -104,3 +104,24 @@ def test_customer_counts_are_summed_over_the_replicas_that_own_them():
     snap = dashboard.parse(texts)
     assert snap.profile["segments"] == {"champions": 17}
     assert snap.loyalty_tiers == {"Gold": 5} and snap.risk_bands == {"high": 5}
+
+
+def test_plain_status_lines_keep_coming_while_exit_when_done_waits(monkeypatch, capsys):
+    """`crm up --exit-when-done` scrapes every half second (force) while the services settle; off a
+    terminal the status line must still come every `every` seconds, with rates over that span."""
+    from services import cli
+
+    clock = {"now": 1000.0, "consumed": 0}
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(
+        dashboard, "scrape", lambda ports: {"profile": _service_text("profile", clock["consumed"], lag=0)}
+    )
+    view = cli._View({"profile": 1}, live=None, every=10.0)
+    view.tick("replay: done")  # the first line
+    for _ in range(60):  # 30 s of forced scrapes, 100 events a second
+        clock["now"] += 0.5
+        clock["consumed"] += 50
+        view.tick("replay: done", force=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.strip()]
+    assert len(lines) == 4, lines  # at 0, 10, 20 and 30 s
+    assert "| 100 events/s |" in lines[-1], lines[-1]  # over the last 10 s, not the last half second
