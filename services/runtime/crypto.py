@@ -70,14 +70,27 @@ class ContactCodec:
     def __init__(self, cipher: MultiFernet):
         self.cipher = cipher
 
-    def encode(self, state: dict[str, Any]) -> dict[str, Any]:
+    def encode(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`meta` is the document's unpersisted bookkeeping (CustomerDoc.meta): the tokens written
+        last are kept there, and a field whose plaintext has not changed keeps its token. Every
+        write re-encrypted every field before: 8 % of profile's CPU in the bench. A token is only
+        ever reused for the document it was made for, so equal plaintexts of two customers still
+        differ at rest; what an observer of successive writes learns is that a field did not change.
+        The memo is not persisted: after a restart (for example with a new primary key) the first
+        write of each document encrypts afresh."""
         contact = state.get("contact")
         if not contact:
             return state
-        sealed = {
-            k: (self.cipher.encrypt(v.encode()).decode() if k in ENCRYPTED_FIELDS and v else v)
-            for k, v in contact.items()
-        }
+        memo = meta.setdefault("sealed", {}) if meta is not None else {}
+        sealed = {}
+        for k, v in contact.items():
+            if k not in ENCRYPTED_FIELDS or not v:
+                sealed[k] = v
+                continue
+            known = memo.get(k)
+            if known is None or known[0] != v:
+                known = memo[k] = (v, self.cipher.encrypt(v.encode()).decode())
+            sealed[k] = known[1]
         return {**state, "contact": sealed}
 
     def decode(self, state: dict[str, Any]) -> dict[str, Any]:

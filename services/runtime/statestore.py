@@ -63,7 +63,7 @@ TRANSIENT_STORE_ERRORS = (AutoReconnect, ConnectionFailure, NetworkTimeout)
 class Codec(Protocol):
     """How state and outbox payloads look at rest. The identity codec stores them as they are."""
 
-    def encode(self, state: dict[str, Any]) -> dict[str, Any]: ...
+    def encode(self, state: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]: ...
 
     def decode(self, state: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -73,7 +73,7 @@ class Codec(Protocol):
 
 
 class PlainCodec:
-    def encode(self, state):
+    def encode(self, state, meta=None):
         return state
 
     def decode(self, state):
@@ -187,7 +187,7 @@ class CustomerDoc:
         # Entries already published are dropped here: this is the lazy trim.
         return {
             "_id": self.customer_id,
-            "s": codec.encode(self.state) if self.state is not None else None,
+            "s": codec.encode(self.state, self.meta) if self.state is not None else None,
             "seen": self.seen,
             "outbox": [e.to_doc(codec) for e in self.pending()],
             "due": self.due,

@@ -50,3 +50,20 @@ def test_outbox_payloads_are_sealed():
     payload = b'{"email": "fang@example.com"}'
     sealed = codec.seal(payload)
     assert b"fang" not in sealed and codec.unseal(sealed) == payload
+
+
+def test_a_document_keeps_its_tokens_while_its_fields_do_not_change():
+    codec = ContactCodec(make_cipher(Fernet.generate_key().decode()))
+    meta_a, meta_b = {}, {}
+    first = codec.encode(STATE, meta_a)["contact"]
+    again = codec.encode(STATE, meta_a)["contact"]
+    assert again == first  # nothing re-encrypted
+    moved = {**STATE, "contact": {**STATE["contact"], "email": "fang@example.org"}}
+    after = codec.encode(moved, meta_a)["contact"]
+    assert after["email"] != first["email"] and after["name"] == first["name"] and after["phone"] == first["phone"]
+    assert codec.decode({"contact": after})["contact"] == moved["contact"]
+    # Another customer with the same contact never gets the first one's tokens.
+    other = codec.encode(STATE, meta_b)["contact"]
+    assert all(other[k] != first[k] for k in ("name", "email", "phone"))
+    # Without a memo every call encrypts afresh.
+    assert codec.encode(STATE)["contact"]["email"] != codec.encode(STATE)["contact"]["email"]
