@@ -86,11 +86,29 @@ class Server:
         return run_dir / f"{self.name}.pid"
 
 
-def read_pid(path: Path) -> int | None:
+def _started_at(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot, /proc/PID/stat field 22), or None."""
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
         return None
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid a pid file names, if that process is still the one that was started.
+
+    The file holds the pid and the process's start time: after a reboot or a crash of the stack,
+    the pid may belong to another program by now, which must neither be stopped nor be taken for
+    a running server. A file with only a pid (written by an earlier version) is trusted.
+    """
+    try:
+        parts = path.read_text().split()
+        pid = int(parts[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(parts) > 1 and (started := _started_at(pid)) is not None and started != parts[1]:
+        return None
+    return pid
 
 
 def start_process(
@@ -119,7 +137,7 @@ def start_process(
         )
     finally:
         log.close()
-    (run_dir / f"{name}.pid").write_text(f"{proc.pid}\n")
+    (run_dir / f"{name}.pid").write_text(f"{proc.pid} {_started_at(proc.pid) or ''}".strip() + "\n")
     return proc
 
 
@@ -432,6 +450,7 @@ class Stack:
             pid_path = self.run_dir / f"{name}.pid"
             pid = read_pid(pid_path)
             if pid is None:
+                pid_path.unlink(missing_ok=True)  # none, or one naming a process that is not ours
                 continue
             if pid_alive(pid):
                 self.log(f"{name:7} stopping (pid {pid})")
