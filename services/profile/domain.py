@@ -217,7 +217,10 @@ class ProfileDomain:
     CATCH_UP_BEFORE_EVENTS = True
 
     def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
-        st = _clone(state)
+        # Not a deep copy: a tick changes only `care` and `due` in place and replaces the scores,
+        # tier and stage, so the rest (orders, history) is shared with the input. Most ticks
+        # change nothing, and the deep copy of a long history was the sweep's largest cost.
+        st = {**state, "care": dict(state["care"]), "due": dict(state["due"])}
         out: list[Event] = []
         if not st.get("erased_at"):
             self._due_followup(st, customer_id, now, out)

@@ -326,6 +326,18 @@ def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle
     assert same is state and out == []
 
 
+def test_tick_never_mutates_its_input_when_it_changes_the_state():
+    """Follow-up, birthday greeting, segment, stage and tier move in one tick; the input stays as it was."""
+    d = ProfileDomain()
+    state, _ = run(d, [reg(birthday=date(1972, 3, 10)), buy(), buy("o2", at=T0 + timedelta(days=3))])
+    frozen = copy.deepcopy(state)
+    later = T0 + timedelta(days=400)
+    ticked, out = d.tick(state, "c1", later)
+    assert state == frozen
+    assert ticked != state and {"CareRequested", "LifecycleStageChanged"} <= {e.type for e in out}
+    assert ticked["care"]["greeted_year"] is not None and ticked["stage"] != state["stage"]
+
+
 def test_a_greeting_reached_late_is_still_requested_with_its_deadline():
     """Whether a sweep ran on the day or days later, the same request (id, time, deadline) is made."""
     d = ProfileDomain()
