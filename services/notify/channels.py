@@ -251,7 +251,9 @@ class TwilioSmsProvider:
         self.sid, self.token = unquote(u.username), unquote(u.password)
         netloc = u.hostname + (f":{u.port}" if u.port else "")
         self.url = f"{scheme}://{netloc}/2010-04-01/Accounts/{self.sid}/Messages.json"
-        sender = parse_qs(u.query).get("from", [""])[0]
+        # A "+" in the query is the number's own, as people write it (?from=+1555...): form
+        # decoding would make it a space, and Twilio would refuse the sender.
+        sender = parse_qs(u.query.replace("+", "%2B")).get("from", [""])[0].strip()
         if not sender:
             raise ValueError("a Twilio provider URL needs ?from=<the sending number>")
         self.sender = sender

@@ -99,6 +99,8 @@ def test_provider_urls():
     assert isinstance(gw, JsonSmsProvider) and gw.token == "tok" and gw.url == "https://sms.example.com/v1/messages"
     tw = make_provider("twilio://AC1:secret@api.twilio.com?from=%2B15550001111", client)
     assert isinstance(tw, TwilioSmsProvider) and tw.sender == "+15550001111"
+    # As the README writes it: a raw "+" is the number's, not a form-encoded space.
+    assert make_provider("twilio://AC1:secret@api.twilio.com?from=+15550001111", client).sender == "+15550001111"
     assert tw.url == "https://api.twilio.com/2010-04-01/Accounts/AC1/Messages.json"
     with pytest.raises(ValueError, match="needs \\?from="):
         make_provider("twilio://AC1:secret@api.twilio.com", client)
