@@ -53,6 +53,11 @@ def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date, rece
         "entries_total": next_seq(state) - 1,
         # Ledger events the event clock has not reached (replays only): not in the balance yet.
         "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
+        # Ledger events refused after they had been accepted (domain.LedgerRejection), the last 50.
+        "rejected": [
+            {"occurred_at": at, "event_id": eid, "type": kind, "reason": reason}
+            for at, eid, kind, reason in state.get("rejected") or []
+        ],
     }
 
 

@@ -59,6 +59,16 @@ from services.runtime.held import first_due, hold, take_ready
 
 PRODUCER = "loyalty"
 KEPT_KEYS = 1000  # refund and redemption ids remembered for dedup
+REJECTED_KEPT = 50
+
+
+class LedgerRejection(ValueError):
+    """A ledger event that cannot be applied to this account (its currency, its order's currency).
+
+    Raised while the event itself is applied, it is dead-lettered with the reason. Found only later
+    (an event that waited for the event clock, a refund that waited for its purchase), it is kept
+    in the account's `rejected` list instead, and the ledger goes on: one bad event must not stop
+    every later one of the customer."""
 
 
 def new_state() -> dict[str, Any]:
@@ -83,6 +93,8 @@ def new_state() -> dict[str, Any]:
         "birthday_year": None,
         "notified_lots": [],
         "held": [],  # ledger events waiting for the event clock (see `apply`)
+        # Ledger events refused after they were accepted (`LedgerRejection`): [time, id, type, reason].
+        "rejected": [],
         "erased": False,
         "archived": nothing_archived(),  # the entries moved to ledger pages (`close_pages`)
     }
@@ -224,6 +236,7 @@ class LoyaltyDomain:
             if st.get("first_purchase") and not st["referral_rewarded"]:
                 self._referee_reward(st, event, out)  # the registration came after the first purchase
         elif isinstance(event, LEDGER_EVENTS):
+            self._check(st, event)  # refused now, with the reason, rather than after waiting
             if event.occurred_at > now:
                 # Under event time, a ledger event waits until the clock has passed it (every
                 # partition read that far): purchases and redemptions travel on different topics,
@@ -276,9 +289,9 @@ class LoyaltyDomain:
         d = ev.data
         if d.order_id in st["orders"]:
             return  # earned already (a redelivery beyond the event-id window, or a resent order)
+        exact, why, plain = self._rate(st, ev)  # before anything changes: it may refuse the order
         if st["tier"] is None:
             self._join(st, ev, out)
-        exact, why, plain = self._rate(st, ev)
         points = int(exact.to_integral_value(rounding=ROUND_FLOOR))
         day = _day(ev.occurred_at)
         st["orders"][d.order_id] = {
@@ -304,13 +317,18 @@ class LoyaltyDomain:
             self._referee_reward(st, ev, out)
         for pending in st["pending_refunds"].pop(d.order_id, []):
             # A refund that came before its purchase (another topic, or a purchase replayed from
-            # the dead-letter topic) is applied now.
-            self._reverse(st, ev.customer_id, d.order_id, pending, out)
+            # the dead-letter topic) is applied now; one that does not fit the order is refused, not the order.
+            try:
+                self._reverse(st, ev.customer_id, d.order_id, pending, out)
+            except LedgerRejection as exc:
+                when = datetime.fromisoformat(pending["at"])
+                _reject(st, when, pending["cause"], PurchaseRefunded.__name__, str(exc))
         self._upgrade(st, ev, out)
 
     def _late_birthday(self, st, ev: Event, out) -> None:
         """Orders rated before the registration was read get the birthday-month bonus they would
-        have had if it had come first (registrations and purchases travel on different topics)."""
+        have had if it had come first (registrations and purchases travel on different topics):
+        less the share refunded since, and nothing where the order's points have expired."""
         mult = self.rules.birthday_month_multiplier
         for order_id in [k for k, o in st["orders"].items() if o.get("unrated_birthday") is not None]:
             order = _order(st, order_id)
@@ -321,17 +339,31 @@ class LoyaltyDomain:
             if extra <= 0:
                 continue
             order["points"] += extra
+            # The refunds so far would have taken back their share of the extra too.
+            total = Decimal(order["total"])
+            due = Decimal(order["points"]) * Decimal(order["refunded"]) / total if total > 0 else Decimal(0)
+            back = max(int(due.to_integral_value(rounding=ROUND_HALF_UP)) - order["reversed"], 0)
+            order["reversed"] += back
+            credit = extra - back
+            expires = add_months(_day(datetime.fromisoformat(order["at"])), self.rules.expiry_months)
+            if credit <= 0:
+                continue
+            if _day(ev.occurred_at) >= expires:
+                order["expired"] += credit  # they would have expired with the order's lot
+                continue
+            self._add_spend(st, _day(datetime.fromisoformat(order["at"])), Decimal(0), order["currency"], credit)
             reason = f"birthday month x {mult} (registration read after the purchase)"
             lot = next((x for x in st["lots"] if x["id"] == order["lot"]), None)
             if lot is None or st["debt"]:
-                self._earn(st, ev, extra, reason, order_id, out, f"birthday/{order_id}")
+                # Into a lot of their own that expires with the order's points, not a year from now.
+                self._earn(st, ev, credit, reason, order_id, out, f"birthday/{order_id}", expires=expires)
                 continue
             # Into the order's own lot: the same lots (and so the same expiry and notices) as if
             # the registration had been read first.
-            lot["points"] += extra
-            lot["remaining"] += extra
-            entry = self._entry(st, ev, extra, "earn", reason, order_id)
-            data = PointsEarnedData(order_id=order_id, reason=reason, points=extra, balance=entry["balance"],
+            lot["points"] += credit
+            lot["remaining"] += credit
+            entry = self._entry(st, ev, credit, "earn", reason, order_id)
+            data = PointsEarnedData(order_id=order_id, reason=reason, points=credit, balance=entry["balance"],
                                     expires_on=date.fromisoformat(lot["expires_on"]))  # fmt: skip
             out.append(derive(PointsEarned, ev, data, producer=PRODUCER, discriminator=f"birthday/{order_id}"))
 
@@ -352,13 +384,12 @@ class LoyaltyDomain:
         r, d = self.rules, ev.data
         rate = r.points_per_unit.get(d.currency)
         if rate is None:
-            raise ValueError(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
+            raise LedgerRejection(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
         day = _day(ev.occurred_at)
         lines = [(ln.category, ln.unit_price * ln.quantity) for ln in d.lines]
         gross = sum((amount for _, amount in lines), Decimal(0))
         if not lines or gross <= 0:
             lines, gross = [("", d.total)], d.total
-        scale = d.total / gross if gross else Decimal(0)  # discounts and fees: lines scaled to the total
         base = Decimal(0)
         campaigns: set[str] = set()
         for category, amount in lines:
@@ -367,7 +398,10 @@ class LoyaltyDomain:
             best = max(running, key=lambda c: c.multiplier, default=None)
             if best is not None:
                 campaigns.add(best.name)
-            base += amount * scale * rate * mult * (best.multiplier if best else Decimal(1))
+            base += amount * rate * mult * (best.multiplier if best else Decimal(1))
+        # Discounts and fees: the lines scaled to the total, multiplied before dividing. Scaling each
+        # line by total/gross first (1/3, rounded to 28 digits) made a whole 10 come out 9.99..., 9 points.
+        base = base * d.total / gross if gross else Decimal(0)
         tier = r.tier(st["tier"])
         why = [f"{d.total} {d.currency} x {rate}"]
         total = plain = base * tier.multiplier
@@ -400,19 +434,20 @@ class LoyaltyDomain:
     def _reverse(self, st, cid: str, order_id: str, refund: dict, out) -> None:
         order = _order(st, order_id)
         if refund["currency"] != order["currency"]:
-            raise ValueError(
+            raise LedgerRejection(
                 f"refund {refund['refund_id']} is in {refund['currency']}, order {order_id} in {order['currency']}"
             )
         total, before = Decimal(order["total"]), Decimal(order["refunded"])
         refunded = min(Decimal(refund["amount"]), max(total - before, Decimal(0)))  # never more than the order
         order["refunded"] = str(before + refunded)
         at = datetime.fromisoformat(refund["at"])
-        self._add_spend(st, _day(at), -refunded, order["currency"], 0)
         # The share of the order's points due back so far, minus what already went back (no drift
         # across several partial refunds); points of the order that expired are not taken twice.
         due = Decimal(order["points"]) * (before + refunded) / total if total > 0 else Decimal(0)
         target = int(due.to_integral_value(rounding=ROUND_HALF_UP))
         points = min(target - order["reversed"], order["points"] - order["reversed"] - order["expired"])
+        # Qualifying spend and points both go down (`qualify_by = "points"` counted refunded orders).
+        self._add_spend(st, _day(at), -refunded, order["currency"], -max(points, 0))
         if points <= 0:
             return
         order["reversed"] += points
@@ -552,7 +587,23 @@ class LoyaltyDomain:
         """Apply the held ledger events the clock has passed, in event-time order."""
         st["held"], ready = take_ready(st.get("held"), now, LEDGER_BY_NAME)
         for event in ready:
+            try:
+                self._check(st, event)
+            except LedgerRejection as exc:  # e.g. the rules file lost the currency while it waited
+                _reject(st, event.occurred_at, str(event.event_id), event.type, str(exc))
+                continue
             self._ledger_event(st, event, out)
+
+    def _check(self, st, event: Event) -> None:
+        """What can be known before a ledger event is applied: raises LedgerRejection."""
+        if not isinstance(event, PurchaseCompleted | PurchaseRefunded):
+            return
+        d = event.data
+        order = st["orders"].get(d.order_id) if isinstance(event, PurchaseRefunded) else None
+        if order is not None and order["currency"] != d.currency:
+            raise LedgerRejection(f"refund {d.refund_id} is in {d.currency}, order {d.order_id} in {order['currency']}")
+        if d.currency not in self.rules.points_per_unit:
+            raise LedgerRejection(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
 
     def _catch_up(self, st, customer_id: str, now: datetime, out) -> None:
         """Everything due up to `now`, each judged as of its own due time, however late we get to it."""
@@ -704,11 +755,13 @@ class LoyaltyDomain:
                              occurred_at=at))  # fmt: skip
 
     # -- the ledger --------------------------------------------------------------
-    def _earn(self, st, ev: Event, points: int, reason: str, ref: str, out, tag: str = "") -> str:
+    def _earn(
+        self, st, ev: Event, points: int, reason: str, ref: str, out, tag: str = "", expires: date | None = None
+    ) -> str:
         day = _day(ev.occurred_at)
         # From the cause, not from a counter: the same lot whatever was expired or spent before.
         lot_id = f"{day.isoformat()}/{derived_id(ev.event_id, 'lot', tag or 'earn').hex[:12]}"
-        expires = add_months(day, self.rules.expiry_months)
+        expires = expires or add_months(day, self.rules.expiry_months)
         pay = min(st["debt"], points)  # a negative balance is paid off first
         st["debt"] -= pay
         if points > pay:  # a lot fully used to pay the debt holds nothing (and would be pruned later)
@@ -822,3 +875,9 @@ def _audit_entries(entries: list[dict[str, Any]], seq: int, running: int, what: 
         if e["balance"] != running:
             problems.append(f"{what}entry {i}: running balance {e['balance']}, sum of entries so far {running}")
     return problems
+
+
+def _reject(st, at: datetime, event_id: str, kind: str, reason: str) -> None:
+    st["rejected"] = [*st.get("rejected", []), [at.astimezone(UTC).isoformat(), event_id, kind, reason]][
+        -REJECTED_KEPT:
+    ]

@@ -674,3 +674,91 @@ def test_loyalty_skips_the_interactions_that_change_no_account():
     state, _ = d.apply(None, buy("o1", "30.00"), T0)
     assert d.apply(state, survey, T0) == (state, []) and d.apply(state, opt_out, T0) == (state, [])
     assert all(d.wants(e) for e in (buy(), refund(), redeem()))
+
+
+def _in(currency: str, ev):
+    return ev.model_copy(update={"data": ev.data.model_copy(update={"currency": currency})})
+
+
+def test_a_discounted_order_earns_the_whole_points_of_its_total():
+    """Lines of 10 and 20 (or three of 10) for a total of 10: 10 points, not 9.99... rounded down."""
+    d = LoyaltyDomain(rules())
+    two = [PurchaseLine(sku="a", category="rock", quantity=1, unit_price=Decimal(10)),
+           PurchaseLine(sku="b", category="rock", quantity=1, unit_price=Decimal(20))]  # fmt: skip
+    three = [PurchaseLine(sku="a", category="rock", quantity=3, unit_price=Decimal(10))]
+    for lines in (two, three):
+        state, _ = run(d, [buy("o1", "10.00", lines=lines)])
+        assert state["balance"] == 10, lines
+
+
+def test_a_bad_event_that_waited_for_the_clock_is_refused_and_the_ledger_goes_on():
+    d = LoyaltyDomain(rules(points_per_unit={"USD": Decimal(1), "EUR": Decimal(1)}))
+    # Refused on arrival, with the reason, instead of waiting: the pipeline dead-letters it.
+    with pytest.raises(ValueError, match="no earning rule for currency JPY"):
+        d.apply(None, _in("JPY", buy("o1", at=T0 + timedelta(days=1))), T0)
+    # Ones that pass on arrival and fail when released (here: the rules lost their currency).
+    state, _ = d.apply(None, _in("EUR", buy("o1", at=T0 + timedelta(days=1))), T0)
+    state, _ = d.apply(state, _in("EUR", buy("o2", "30.00", at=T0 + timedelta(days=2))), T0)
+    narrowed = LoyaltyDomain(rules())
+    state, out = narrowed.tick(state, "c1", T0 + timedelta(days=3))
+    assert out == [] and state["held"] == [] and state["balance"] == 0
+    assert [r[2] for r in state["rejected"]] == ["PurchaseCompleted", "PurchaseCompleted"]
+    assert "no earning rule for currency EUR" in state["rejected"][0][3]
+    # Later purchases earn: nothing is stuck behind them.
+    state, out = narrowed.apply(state, buy("o3", "25.00", at=T0 + timedelta(days=4)), T0 + timedelta(days=4))
+    assert state["balance"] == 25 and audit(state) == []
+
+
+def test_a_refund_in_another_currency_than_its_order_is_refused_not_the_order():
+    d = LoyaltyDomain(rules(points_per_unit={"USD": Decimal(1), "EUR": Decimal(1)}))
+    early = _in("EUR", refund("o1", "10.00", "r1"))
+    state, _ = run(d, [early])  # its order is not known yet: it waits for it
+    state, _ = run(d, [buy("o1", "40.00", at=T0 + timedelta(hours=1))], state)
+    assert state["balance"] == 40 and state["orders"]["o1"]["reversed"] == 0
+    assert state["rejected"][0][1:3] == [str(early.event_id), "PurchaseRefunded"]
+    assert "refund r1 is in EUR, order o1 in USD" in state["rejected"][0][3]
+    # Once the order is known, the same mismatch is refused on arrival (dead-lettered).
+    with pytest.raises(ValueError, match="refund r2 is in EUR, order o1 in USD"):
+        run(d, [_in("EUR", refund("o1", "10.00", "r2"))], state)
+    assert audit(state) == []
+
+
+def test_a_late_birthday_adds_nothing_to_a_refunded_order_or_to_expired_points():
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    bday = {"birthday": date(1970, 1, 20)}
+    # A refunded order: as if the registration had come first, its doubled points went back too.
+    state, _ = run(d, [buy("o1", "100.00"), refund("o1", "100.00", "r1", at=T0 + timedelta(days=1))])
+    late, _ = run(d, [register(at=T0 + timedelta(days=2), **bday)], state)
+    first, _ = run(d, [register(at=T0 - timedelta(days=1), **bday), buy("o1", "100.00"),
+                       refund("o1", "100.00", "r1", at=T0 + timedelta(days=1))])  # fmt: skip
+    assert late["balance"] == first["balance"] == 0 and audit(late) == []
+    # Half refunded: half the extra.
+    state, _ = run(d, [buy("o1", "100.00"), refund("o1", "50.00", "r1", at=T0 + timedelta(days=1))])
+    late, _ = run(d, [register(at=T0 + timedelta(days=2), **bday)], state)
+    assert late["balance"] == 100 and audit(late) == []
+    # Points that expired (12 months) would have taken the extra with them; a later refund takes nothing.
+    state, _ = run(d, [buy("o1", "100.00")])
+    state, _ = d.tick(state, "c1", T0 + timedelta(days=400))
+    assert state["balance"] == 0
+    late, out = run(d, [register(at=T0 + timedelta(days=430), **bday)], state)
+    assert late["balance"] == 0 and not [e for e in out if e.type == "PointsEarned"]
+    after, _ = run(d, [refund("o1", "100.00", "r1", at=T0 + timedelta(days=440))], late)
+    assert after["balance"] == 0 and after["debt"] == 0 and audit(after) == []
+
+
+def test_a_late_birthday_credit_expires_with_its_order():
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    spend = [redeem(50, rid, at=T0 + timedelta(days=1)) for rid in ("x1", "x2")]
+    state, _ = run(d, [buy("o1", "100.00"), *spend])
+    assert state["lots"] == []  # the order's lot was spent
+    late, _ = run(d, [register(at=T0 + timedelta(days=30), birthday=date(1970, 1, 20))], state)
+    assert late["balance"] == 100
+    assert [x["expires_on"] for x in late["lots"]] == [add_months(T0.date(), 12).isoformat()]
+
+
+def test_qualifying_points_go_down_with_refunds():
+    d = LoyaltyDomain(rules(qualify_by="points"))
+    state, _ = run(d, [buy("o1", "400.00")])
+    assert state["tier"] == "Gold" and d.qualifying(state, T0.date()) == 400
+    state, _ = run(d, [refund("o1", "400.00", "r1", at=T0 + timedelta(days=1))], state)
+    assert d.qualifying(state, (T0 + timedelta(days=1)).date()) == 0
