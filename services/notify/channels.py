@@ -9,7 +9,8 @@ A provider is configured by one URL (a secret: it may carry credentials):
 
 Every error is classified once, here:
     TransientError   the provider may accept it later (4xx SMTP replies, 5xx/429 HTTP, timeouts)
-    AddressError     the address is wrong (SMTP 5xx on RCPT, HTTP 422, Twilio 21211/21614/21610)
+    AddressError     the address is wrong (SMTP 5.1.x on RCPT, or 550/551/553 without an enhanced
+                     code; HTTP 422; Twilio 21211/21614/21610)
     RejectedError    refused for another reason (our configuration or content): no retry
 A channel retries transient errors with exponential backoff and full jitter on its
 primary provider, then fails over to the secondary.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from datetime import datetime
@@ -176,12 +178,33 @@ class SmtpProvider:
                 await client.quit()
 
 
+# RFC 3463 enhanced status code at the start of a reply text: class.subject.detail.
+_ENHANCED = re.compile(r"^\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
+# Basic replies that name the mailbox itself (RFC 5321: unavailable, not local, name not allowed).
+_MAILBOX_CODES = frozenset({550, 551, 553})
+
+
+def _refused_address(code: int, message: str) -> bool:
+    """Whether a permanent refusal of a recipient says the address is wrong.
+
+    Only X.1.x (RFC 3463: addressing) does; X.7.x (policy: relay denied, blocklists) and X.2.x
+    (mailbox full) refuse this message, not the address. Marking the channel unreachable on those
+    would let a misconfigured relay mark every customer's e-mail unreachable for good. Without an
+    enhanced code, only the basic replies about the mailbox count."""
+    m = _ENHANCED.match(message or "")
+    if m:
+        return m.group(2) == "1"
+    return code in _MAILBOX_CODES
+
+
 def _raise_classified(exc: BaseException) -> None:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         first = exc.recipients[0]
-        if all(r.code >= 500 for r in exc.recipients):
+        if not all(r.code >= 500 for r in exc.recipients):
+            raise TransientError(f"recipient deferred: {first.code} {first.message}") from None
+        if all(_refused_address(r.code, r.message) for r in exc.recipients):
             raise AddressError(f"recipient refused: {first.code} {first.message}") from None
-        raise TransientError(f"recipient deferred: {first.code} {first.message}") from None
+        raise RejectedError(f"recipient refused, not for its address: {first.code} {first.message}") from None
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         if 400 <= exc.code < 500:
             raise TransientError(f"SMTP {exc.code} {exc.message}") from None

@@ -358,7 +358,8 @@ class Deliverer:
         try:
             ctx = message_context(state, job)
             unsubscribe = self.links.unsubscribe_url(job.customer_id, "email") if job.channel == "email" else None
-            r = self.renderer.render(job.kind, ctx["locale"], ctx, unsubscribe)
+            opt_out = job.channel == "sms" and job.purpose == "marketing"
+            r = self.renderer.render(job.kind, ctx["locale"], ctx, unsubscribe, sms_opt_out=opt_out)
             msg = Outgoing(
                 channel=job.channel,
                 to=to or "",
@@ -375,7 +376,7 @@ class Deliverer:
             )
             provider = await self.senders[job.channel].send(msg)
         except AddressError as exc:
-            return Failed(job.channel, str(exc), permanent=True, unreachable=True)
+            return Failed(job.channel, str(exc), permanent=True, unreachable=True, to=to)
         except (RejectedError, RenderError) as exc:
             return Failed(job.channel, str(exc), permanent=True)
         except DeliveryError as exc:

@@ -69,6 +69,7 @@ class Failed:
     error: str
     permanent: bool  # False: transient errors outlasted every retry and provider
     unreachable: bool = False  # the address itself is wrong: the channel is not used again
+    to: str | None = None  # the address it was sent to (unreachable marks only that one)
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ class NotifyDomain:
             before, sent = dict(job), {k: list(v) for k, v in st["marketing_sent"].items()}
             _uncount(st, job, job["channel"])  # counted again if it is queued again
             self._decide(st, cid, job, now, out)
-            if job["status"] == "queued" and job["channel"] == before["channel"]:
+            still = st["jobs"].get(job["rid"]) is job  # not suppressed (which leaves the dict as it was)
+            if still and job["status"] == "queued" and job["channel"] == before["channel"]:
                 # Same decision: keep the job as it was, so nothing needs writing.
                 job.clear()
                 job.update(before)
@@ -310,6 +312,13 @@ class NotifyDomain:
             current = st["jobs"].pop(rid, None)
             if current is not None and current["status"] == "queued" and current["channel"] != outcome.channel:
                 _uncount(st, current, current["channel"])
+            if job.purpose == "marketing":
+                # It went out, so it counts against the cap, stamped when it was queued, even if a
+                # decision made while it was out (quiet hours began, another channel) uncounted it.
+                stamp = job.data["wake"]
+                sent = st["marketing_sent"].get(outcome.channel, [])
+                if stamp not in sent:
+                    st["marketing_sent"][outcome.channel] = [*sent, stamp]
             _remember(st, key)
             data = NotificationSentData(
                 request_id=rid,
@@ -321,7 +330,11 @@ class NotifyDomain:
             return st, [_outcome(NotificationSent, cid, job.data, data, outcome.channel, now)]
         st = _copy(state)
         out: list[Event] = []
-        if outcome.unreachable and outcome.channel not in st["unreachable"]:
+        # Only while the refused address is still the customer's: a correction that came in while
+        # the message to the old one was out must not be marked unreachable by the old one's bounce
+        # (the job is decided again below, and goes to the new address).
+        replaced = outcome.to is not None and outcome.to != contact_of(st).address(outcome.channel)
+        if outcome.unreachable and not replaced and outcome.channel not in st["unreachable"]:
             st["unreachable"] = [*st["unreachable"], outcome.channel]
         data = NotificationFailedData(
             request_id=rid,
@@ -343,7 +356,8 @@ class NotifyDomain:
             permanent=outcome.permanent,
         )
         if outcome.unreachable:
-            # The address is wrong: try the customer's other channel.
+            # The address is wrong: try the customer's other channel (or the same one, where the
+            # address has been replaced since).
             self._decide(st, cid, job, now, out)
         else:
             st["jobs"].pop(rid)  # dead-lettered by the service; a replay of it is a new attempt

@@ -104,8 +104,9 @@ def quiet_until(now: datetime, tz: str, quiet: QuietHours) -> datetime | None:
 def over_cap(sent: Iterable[datetime], now: datetime, caps: Caps) -> str | None:
     """A reason if one more marketing message now would exceed a cap (rolling 24 hours / 7 days)."""
     sent = list(sent)
-    day = sum(1 for t in sent if now - timedelta(days=1) < t <= now)
-    week = sum(1 for t in sent if now - timedelta(days=7) < t <= now)
+    # No upper bound: a message queued by a batch after this round read its `now` still counts.
+    day = sum(1 for t in sent if now - timedelta(days=1) < t)
+    week = sum(1 for t in sent if now - timedelta(days=7) < t)
     if day >= caps.per_day:
         return f"frequency cap: {day} marketing message(s) in the last 24 hours (limit {caps.per_day})"
     if week >= caps.per_week:

@@ -21,6 +21,9 @@ FALLBACK = "en"
 _SPACE = re.compile(r"\s+")
 
 UNSUBSCRIBE_LABEL = {"en": "Unsubscribe from these e-mails", "zh": "退订此类邮件"}
+# Marketing SMS say how to opt out (carrier rules in the US, 回T退订 in China); the keywords are
+# among those notify's inbound webhook honours (services/notify/app.py, STOP_WORDS).
+SMS_OPT_OUT = {"en": "Reply STOP to opt out.", "zh": "回复TD退订"}
 
 
 class RenderError(ValueError):
@@ -58,7 +61,12 @@ class Renderer:
         return same[0] if same else FALLBACK
 
     def render(
-        self, kind: str, locale: str | None, ctx: dict[str, Any], unsubscribe_url: str | None = None
+        self,
+        kind: str,
+        locale: str | None,
+        ctx: dict[str, Any],
+        unsubscribe_url: str | None = None,
+        sms_opt_out: bool = False,
     ) -> Rendered:
         loc = self.locale_for(locale)
         try:
@@ -87,4 +95,8 @@ class Renderer:
             raise RenderError(f"template {loc}/{kind}.txt failed: {type(exc).__name__}: {exc}") from None
         if not subject or not text:
             raise RenderError(f"template {loc}/{kind}.txt rendered an empty subject or text")
-        return Rendered(loc, subject, text, html, _SPACE.sub(" ", blocks["sms"]).strip())
+        sms = _SPACE.sub(" ", blocks["sms"]).strip()
+        if sms_opt_out:
+            lang = loc.split("-")[0]
+            sms = f"{sms}{' ' if lang == 'en' else ''}{SMS_OPT_OUT.get(lang, SMS_OPT_OUT['en'])}"
+        return Rendered(loc, subject, text, html, sms)

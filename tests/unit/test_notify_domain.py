@@ -252,3 +252,50 @@ def test_a_request_past_its_deadline_is_not_sent_whatever_the_marketing_max_age(
     on_time, out = run(d, [profile(), care(kind="birthday_greeting", purpose="marketing",
                                            not_after=NOON + timedelta(hours=6))], now=NOON)  # fmt: skip
     assert [j["status"] for j in on_time["jobs"].values()] == ["queued"]
+
+
+def test_a_bounce_from_a_replaced_address_does_not_mark_the_new_one():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(preferred="email"), care()])
+    job = only_job(d, state)  # to wang@example.com, being sent...
+    fixed = ProfileUpdated(**{**profile(preferred="email").model_dump(), "event_id": uuid.uuid4()})
+    fixed = fixed.model_copy(update={"data": fixed.data.model_copy(update={"email": "fang@example.com"})})
+    state, _ = d.apply(state, fixed, NOON)  # ...while the customer corrects the address
+    state, out = d.record(
+        state, job, Failed("email", "550 5.1.1 no such user", True, True, to="wang@example.com"), NOON
+    )
+    assert state["unreachable"] == []
+    assert [e.type for e in out] == ["NotificationFailed"]
+    assert only_job(d, state).channel == "email"  # decided again: to the corrected address
+    # The same bounce for the address still on file marks it.
+    state2, _ = run(d, [profile(preferred="email"), care()])
+    state2, _ = d.record(state2, only_job(d, state2), Failed("email", "550", True, True, to="wang@example.com"), NOON)
+    assert state2["unreachable"] == ["email"]
+
+
+def test_a_marketing_message_sent_while_it_was_decided_again_still_counts_against_the_cap():
+    d = NotifyDomain()
+    at = datetime(1997, 3, 3, 12, 59, tzinfo=UTC)  # 20:59 in Shanghai
+    state, _ = run(d, [profile(at=at), offer(at)])
+    job = only_job(d, state)  # being sent when quiet hours begin...
+    later = at + timedelta(minutes=2)
+    state, _ = d.apply(state, profile(at=later), later)  # ...and a profile update decides it again
+    assert [j["status"] for j in state["jobs"].values()] == ["deferred"] and state["marketing_sent"]["sms"] == []
+    state, out = d.record(state, job, Sent("sms", "gw"), later)
+    assert [e.type for e in out] == ["NotificationSent"] and state["jobs"] == {}
+    assert state["marketing_sent"]["sms"] == [at.isoformat()]
+    _, out = d.apply(state, offer(at + timedelta(hours=13)), at + timedelta(hours=13))  # 09:59 the next day
+    assert [e.data.reason[:13] for e in out] == ["frequency cap"]
+
+
+def test_a_suppressed_marketing_message_gives_its_cap_back():
+    d = NotifyDomain()
+    state, _ = run(
+        d, [profile(), care(kind="birthday_greeting", purpose="marketing", not_after=NOON + timedelta(hours=1))]
+    )
+    assert state["marketing_sent"]["sms"] == [NOON.isoformat()]
+    state, out = d.revisit(state, CID, NOON + timedelta(hours=2))  # not sent before its deadline
+    assert [e.type for e in out] == ["NotificationSuppressed"] and state["jobs"] == {}
+    assert state["marketing_sent"]["sms"] == []
+    state, out = d.apply(state, offer(NOON + timedelta(hours=3)), NOON + timedelta(hours=3))
+    assert out == [] and only_job(d, state).kind == "retention_offer"

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from email import message_from_bytes
 from email.policy import default as default_policy
 
+import aiosmtplib
 import httpx
 import pytest
 
@@ -18,6 +19,7 @@ from services.notify.channels import (
     TransientError,
     TwilioSmsProvider,
     _http_error,
+    _raise_classified,
     make_provider,
     mime,
 )
@@ -118,3 +120,28 @@ def test_unsubscribe_links_are_signed_per_customer_and_channel():
     assert not links.valid("c&1", "email", "ünïcode")  # no crash on non-ASCII input
     with pytest.raises(ValueError, match="at least 16"):
         LinkSigner("short", "https://x")
+
+
+@pytest.mark.parametrize(
+    "code,message,error",
+    [
+        (550, "5.1.1 <x@example.com>: Recipient address rejected: User unknown", AddressError),
+        (550, "No such user here", AddressError),  # no enhanced code: the basic reply names the mailbox
+        (554, "5.7.1 <x@example.com>: Relay access denied", RejectedError),
+        (550, "5.7.1 Message rejected due to blocklisting", RejectedError),
+        (552, "5.2.2 Mailbox full", RejectedError),
+        (450, "4.2.0 Mailbox busy", TransientError),
+    ],
+)
+def test_a_refused_recipient_is_an_address_error_only_when_the_address_is_wrong(code, message, error):
+    refused = aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(code, message, "x@example.com")])
+    with pytest.raises(error):
+        _raise_classified(refused)
+
+
+def test_marketing_sms_say_how_to_opt_out():
+    r = Renderer()
+    ctx = {"name": "Ann", "offer_percent": 15}
+    assert r.render("retention_offer", "en", ctx, sms_opt_out=True).sms.endswith("Reply STOP to opt out.")
+    assert r.render("retention_offer", "zh-CN", ctx, sms_opt_out=True).sms.endswith("回复TD退订")
+    assert "STOP" not in r.render("retention_offer", "en", ctx).sms

@@ -117,3 +117,9 @@ def test_no_consent_suppresses_marketing_and_transactional_alike():
     for purpose in ("marketing", "transactional"):
         d = decide(purpose, c, datetime(1997, 3, 1, 3, tzinfo=UTC), {})
         assert (d.action, d.channel, d.reason) == ("suppress", None, "no consent on any channel")
+
+
+def test_a_message_queued_after_the_round_read_its_clock_still_counts():
+    """A round reads `now` before it takes the lock; a batch may queue a message stamped later."""
+    now = datetime(1997, 3, 3, 9, tzinfo=UTC)
+    assert "24 hours" in over_cap([now + timedelta(milliseconds=5)], now, Caps(per_day=1, per_week=3))
