@@ -8,6 +8,7 @@ contact fields are plaintext here and encrypted by the store codec.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import uuid
 from dataclasses import dataclass, field
@@ -178,6 +179,29 @@ def _differs(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
     }
 
 
+CONTACT_FIELDS = ("name", "email", "phone")
+PROFILE_FIELDS = ("birthday", "gender", "locale", "timezone", "preferred_channel", "referred_by")
+
+
+def _newer_fields(st: dict[str, Any], at: datetime, names) -> list[str]:
+    """The fields an event of time `at` may set: those no newer registration or update has set.
+    Records their time (`details_at`), so one read late does not undo a newer change."""
+    seen = st.setdefault("details_at", {})
+    stamp = at.isoformat()
+    fresh = [n for n in names if n not in seen or _ts(seen[n]) <= at]
+    st["details_at"] = {**seen, **dict.fromkeys(fresh, stamp)}
+    return fresh
+
+
+def _digest(value: str) -> str:
+    return "#" + hashlib.sha256(value.encode()).hexdigest()[:24]
+
+
+def _order_key(st: dict[str, Any], order_id: str) -> str:
+    """How an order (or refund) id is kept: as it is, or only as a digest once the customer was erased."""
+    return _digest(order_id) if st.get("erased_at") else order_id
+
+
 # -- the domain ----------------------------------------------------------------
 
 
@@ -249,18 +273,22 @@ class ProfileDomain:
 
     def _registered(self, st, ev: CustomerRegistered, now, out) -> None:
         d = ev.data
+        erased = _ts(st.get("erased_at"))
+        if erased is not None and ev.occurred_at <= erased:
+            return  # a resend of the registration the erasure was about: only a new one starts over
         first_time = st["registered_at"] is None
         st["registered_at"] = st["registered_at"] or ev.occurred_at.isoformat()
-        st["erased_at"] = None
-        st["contact"] = {"name": d.name, "email": d.email, "phone": d.phone}
-        st["profile"] = {
-            "birthday": d.birthday.isoformat() if d.birthday else None,
-            "gender": d.gender,
-            "locale": d.locale,
-            "timezone": d.timezone,
-            "preferred_channel": d.preferred_channel,
-            "referred_by": d.referred_by,
-        }
+        if erased is not None:
+            st["erased_at"] = None
+            st["details_at"] = {}
+        # Field by field, unless a newer event already set it (a registration resent after an update).
+        fresh = _newer_fields(st, ev.occurred_at, (*CONTACT_FIELDS, *PROFILE_FIELDS))
+        values = {"name": d.name, "email": d.email, "phone": d.phone,
+                  "birthday": d.birthday.isoformat() if d.birthday else None, "gender": d.gender,
+                  "locale": d.locale, "timezone": d.timezone, "preferred_channel": d.preferred_channel,
+                  "referred_by": d.referred_by}  # fmt: skip
+        for name in fresh:
+            (st["contact"] if name in CONTACT_FIELDS else st["profile"])[name] = values[name]
         for channel in ("email", "sms"):
             self._set_consent(st, channel, getattr(d.consents, channel), ev.occurred_at, "registration")
         self._remember(st, ev, f"registered ({d.locale}, {d.timezone})")
@@ -273,9 +301,9 @@ class ProfileDomain:
         if st.get("erased_at"):
             return
         d = ev.data
-        for name in d.model_fields_set:
+        for name in _newer_fields(st, ev.occurred_at, sorted(d.model_fields_set)):
             value = getattr(d, name)
-            if name in ("name", "email", "phone"):
+            if name in CONTACT_FIELDS:
                 st["contact"][name] = value
             elif name == "birthday":
                 st["profile"]["birthday"] = value.isoformat() if value else None
@@ -293,7 +321,8 @@ class ProfileDomain:
 
     def _purchase(self, st, ev: PurchaseCompleted, now, out) -> None:
         d = ev.data
-        if d.order_id in st["orders"]:
+        key = _order_key(st, d.order_id)
+        if key in st["orders"]:
             return  # the same order under a new event id: a shop resend, counted once
         p = st["purchases"]
         at = ev.occurred_at
@@ -316,7 +345,7 @@ class ProfileDomain:
             cat = st["categories"].setdefault(line.category, {"n": 0, "s": {}})
             cat["n"] += line.quantity
             cat["s"][d.currency] = str(Decimal(cat["s"].get(d.currency, "0")) + amount)
-        st["orders"][d.order_id] = {
+        st["orders"][key] = {
             "t": str(d.total),
             "c": d.currency,
             "cats": {k: str(v) for k, v in by_cat.items()},
@@ -336,14 +365,15 @@ class ProfileDomain:
 
     def _refund(self, st, ev: PurchaseRefunded, now, out) -> None:
         d = ev.data
-        order = st["orders"].get(d.order_id)
+        order = st["orders"].get(_order_key(st, d.order_id))
         amount = d.amount
+        refund_key = _order_key(st, d.refund_id)
         if order is not None:
-            if d.refund_id in order["refunds"]:
+            if refund_key in order["refunds"]:
                 return
             remaining = Decimal(order["t"]) - Decimal(order["r"])
             amount = min(amount, max(remaining, ZERO))  # a refund never exceeds what was paid
-            order["refunds"].append(d.refund_id)
+            order["refunds"].append(refund_key)
             total = Decimal(order["t"])
             if total > 0 and order["c"] == d.currency:
                 share = amount / total
@@ -356,6 +386,11 @@ class ProfileDomain:
             if was_open and Decimal(order["r"]) >= total:
                 of_order = st["spend"][order["c"]]
                 of_order["refunded_orders"] = of_order.get("refunded_orders", 0) + 1
+                f = st["care"]["followup"]
+                if f is not None and f["reason"] == "purchase" and f["ref"] == d.order_id:
+                    # No satisfaction survey about an order the customer returned.
+                    st["care"]["followup"] = None
+                    st["due"].pop("followup", None)
         spend = st["spend"].setdefault(d.currency, _new_spend())
         spend["refunded"] = str(Decimal(spend["refunded"]) + amount)
         self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id}: {amount} {d.currency}")
@@ -386,8 +421,13 @@ class ProfileDomain:
                 self._plan_followup(st, ev, ev.occurred_at, "ticket", ticket, force=True)
         elif d.kind == "complaint":
             st["complaints"]["total"] += 1
-            if ticket not in st["complaints"]["open"]:
+            if ticket not in st["complaints"]["open"] and not st.get("erased_at"):
                 st["complaints"]["open"].append(ticket)
+            f = st["care"]["followup"]
+            if f is not None and f["reason"] == "purchase":
+                # No "how did we do?" while a complaint is open: the ticket's resolution plans one.
+                st["care"]["followup"] = None
+                st["due"].pop("followup", None)
             if not st.get("erased_at"):
                 out.append(self._care(ev, "complaint_acknowledgement", "transactional", st, {"ticket_id": ticket}))
         self._remember(st, ev, f"{d.kind} via {d.channel}" + (f" (score {d.score})" if d.score else ""))
@@ -399,7 +439,11 @@ class ProfileDomain:
         st["consent"] = {}
         st["consent_history"] = []
         st["recent"] = []
-        st["orders"] = {}
+        # Order and refund ids go; their digests stay, so a resent order is still counted once.
+        st["orders"] = {
+            _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
+        }
+        st["details_at"] = {}
         st["complaints"]["open"] = []
         st["care"]["followup"] = None
         st["due"] = {}
@@ -421,15 +465,22 @@ class ProfileDomain:
 
     def _set_consent(self, st, channel: str, granted: bool, at: datetime, source: str) -> None:
         current = st["consent"].get(channel)
+        entry = {"channel": channel, "granted": granted, "at": at.isoformat(), "source": source}
+        if current is not None and at < _ts(current["at"]):
+            # Older than the statement in force (read late, or a resent registration): it goes into
+            # the history, in time order, and must not undo a newer revocation or grant.
+            if entry not in st["consent_history"]:
+                history = sorted([*st["consent_history"], entry], key=lambda h: _ts(h["at"]))
+                st["consent_history"] = history[-self.rules.consent_history_kept :]
+            return
         if current is not None and current["granted"] == granted:
             return
         st["consent"][channel] = {"granted": granted, "at": at.isoformat(), "source": source}
-        st["consent_history"] = [
-            *st["consent_history"],
-            {"channel": channel, "granted": granted, "at": at.isoformat(), "source": source},
-        ][-self.rules.consent_history_kept :]
+        st["consent_history"] = [*st["consent_history"], entry][-self.rules.consent_history_kept :]
 
     def _remember(self, st, ev: Event, summary: str) -> None:
+        if st.get("erased_at"):
+            return  # the recent events name orders and tickets: none are kept after erasure
         st["recent"] = [*st["recent"], {"at": ev.occurred_at.isoformat(), "type": ev.type, "summary": summary}][
             -self.rules.recent_events :
         ]

@@ -19,6 +19,8 @@ from contracts.shop import (
     CustomerErasureRequestedData,
     CustomerRegistered,
     CustomerRegisteredData,
+    CustomerUpdated,
+    CustomerUpdatedData,
     InteractionRecorded,
     InteractionRecordedData,
     PurchaseLine,
@@ -314,6 +316,68 @@ def test_erasure_drops_personal_data_keeps_aggregates_and_is_announced():
     # Later events never bring back care requests or snapshots for an erased customer.
     state, out = d.apply(state, buy("o9"), T0 + timedelta(days=1))
     assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
+
+
+def more(domain, state, events):
+    """`run` from a given state."""
+    out = []
+    for e in events:
+        state, derived = domain.apply(state, e, e.occurred_at)
+        out.extend(derived)
+    return state, out
+
+
+def test_a_consent_or_registration_read_late_does_not_undo_a_newer_one():
+    d = ProfileDomain()
+    revoke = _ev(
+        ConsentChanged, ConsentChangedData(channel="email", granted=False, source="link"), T0 + timedelta(days=2)
+    )
+    grant = _ev(ConsentChanged, ConsentChangedData(channel="email", granted=True, source="web"), T0 + timedelta(days=1))
+    moved = _ev(CustomerUpdated, CustomerUpdatedData(email="ann@example.org"), T0 + timedelta(days=3))
+    state, _ = run(d, [reg(), revoke, grant, moved])
+    assert state["consent"]["email"]["granted"] is False
+    assert [h["at"] for h in state["consent_history"]] == sorted(h["at"] for h in state["consent_history"])
+    assert len(state["consent_history"]) == 4  # email and sms at registration, then the late grant, then the revocation
+    # The registration resent (a new event id, its old time): neither consent nor the new address go back.
+    state, out = d.apply(state, reg(), T0 + timedelta(days=4))
+    assert state["consent"]["email"]["granted"] is False and state["contact"]["email"] == "ann@example.org"
+    assert [e.type for e in out if e.type == "ProfileUpdated"] == []
+
+
+def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count_once():
+    d = ProfileDomain()
+    complaint = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T-ann-1")
+    state, _ = run(d, [reg(), buy("o1"), refund("o1", "5.00", "r1", at=T0 + timedelta(hours=1))])
+    erase = _ev(
+        CustomerErasureRequested, CustomerErasureRequestedData(request_id="q1", reason="asked"), T0 + timedelta(days=1)
+    )
+    state, _ = d.apply(state, erase, erase.occurred_at)
+    later = T0 + timedelta(days=2)
+    events = [buy("o2", at=later), buy("o1", at=T0), refund("o1", "5.00", "r1", at=later),
+              _ev(InteractionRecorded, complaint, later), reg(at=T0)]  # fmt: skip
+    state, out = more(d, state, events)
+    text = repr(state)
+    for personal in ("o1", "o2", "r1", "T-ann-1", "ann@example.com", "Ann"):
+        assert f"'{personal}'" not in text, personal
+    assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")  # o1 and o2, r1 once
+    assert state["erased_at"] is not None and state["recent"] == [] and state["complaints"]["total"] == 1
+    assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
+    # A new registration, after the erasure, starts over.
+    state, out = d.apply(state, reg(at=T0 + timedelta(days=5)), T0 + timedelta(days=5))
+    assert state["erased_at"] is None and state["contact"]["email"] == "ann@example.com"
+
+
+def test_no_satisfaction_follow_up_for_a_returned_order_or_during_a_complaint():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy("o1"), refund("o1", "30.00", "r1", at=T0 + timedelta(days=1))])
+    assert state["care"]["followup"] is None
+    _, out = d.tick(state, "c1", T0 + timedelta(days=4))
+    assert "satisfaction_follow_up" not in kinds(out)
+    complaint = _ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1"),
+                    T0 + timedelta(days=40, hours=1))  # fmt: skip
+    state, _ = more(d, state, [buy("o2", at=T0 + timedelta(days=40)), complaint])
+    _, out = d.tick(state, "c1", T0 + timedelta(days=44))
+    assert "satisfaction_follow_up" not in kinds(out)
 
 
 def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle():
