@@ -13,6 +13,7 @@ customer then. Between checks nothing is computed or written.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ def new_state() -> dict[str, Any]:
         "risk": None,  # {"score", "band", "since", "reasons", "p_alive", "expected_purchases_90d", "on"}
         "ladder": {"step": 0, "episode": 0, "at_risk_since": None, "step_at": None},
         "held": [],  # events the clock has not passed yet (services/runtime/held.py)
+        "orders": [],  # digests of the last ORDERS_KEPT order ids: a resent order counts once
     }
 
 
@@ -91,6 +93,7 @@ def history(st: dict[str, Any]) -> History:
     )
 
 
+ORDERS_KEPT = 100
 # Due points walked by one catch-up (band changes and ladder steps; about two a month at most).
 CATCH_UP_STEPS = 64
 # Remembered next band changes, by a 64-bit hash of what they depend on (about 150 bytes each;
@@ -207,6 +210,12 @@ class ChurnDomain:
         return derived
 
     def _purchase(self, st: dict[str, Any], event: PurchaseCompleted) -> list[Event]:
+        # The same order under a new event id (a shop resend): counted once, as profile and loyalty
+        # do. Counted twice, it doubled the day's spend and "won back" a customer who had not come.
+        digest = hashlib.sha256(event.data.order_id.encode()).hexdigest()[:16]
+        if digest in st.get("orders", ()):
+            return []
+        st["orders"] = [*st.get("orders", ()), digest][-ORDERS_KEPT:]
         day = _day(event.occurred_at)
         key = day.isoformat()
         if key not in st["spend"]:

@@ -205,7 +205,8 @@ def fit(
     ids = list(past)
     feats = np.array([[f(compute(past[c], split, past_params, past_gap)) for f in FEATURES.values()] for c in ids])
     # Positive: no purchase day after the split (up to `today`).
-    y = np.array([0.0 if histories[c].purchase_days > past[c].purchase_days else 1.0 for c in ids])
+    # From `current`, not the whole history: a purchase after `today` must not label the fit.
+    y = np.array([0.0 if current[c].purchase_days > past[c].purchase_days else 1.0 for c in ids])
     if y.min() == y.max():
         return None
     mean, scale = feats.mean(axis=0), feats.std(axis=0)

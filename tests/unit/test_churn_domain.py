@@ -273,6 +273,20 @@ def test_a_purchase_after_the_ladder_started_is_a_win_back_once():
     assert not [e for e in again if e.type == "CustomerWonBack"]
 
 
+def test_an_order_resent_under_a_new_event_id_counts_once_and_wins_nobody_back():
+    d = ChurnDomain(MODEL)
+    orders = monthly()
+    state, _ = run(d, orders)
+    state, _ = follow_the_clock(d, state, T0 + timedelta(days=210), 110)
+    assert state["ladder"]["step"] >= 1
+    last = orders[-1]
+    resent = buy(order=last.data.order_id, total="25.00", at=last.occurred_at)  # a new event id
+    assert resent.event_id != last.event_id
+    after, out = d.apply(state, resent, T0 + timedelta(days=320))
+    assert not [e for e in out if e.type in ("CustomerWonBack", "ChurnRiskChanged")]
+    assert after["spend"] == state["spend"] and after["ladder"] == state["ladder"]
+
+
 def test_complaints_and_low_scores_raise_the_risk_with_their_reason():
     d = ChurnDomain(MODEL)
     state, _ = run(d, monthly(3))
@@ -336,12 +350,19 @@ def test_a_refit_ignores_purchases_newer_than_its_day_and_learns_from_the_base()
         gap = 20 + i % 60
         days = [base + timedelta(days=k * gap) for k in range(1 + (i % 7)) if k * gap < 300]
         histories[f"c{i}"] = History(first=days[0], purchase_days=len(days), spend={d: 10.0 for d in days})
+    for i in range(20):  # silent between the split and `today`, back after it
+        days = [base, base + timedelta(days=50 + i), base + timedelta(days=250)]
+        histories[f"late{i}"] = History(first=days[0], purchase_days=3, spend={d: 10.0 for d in days})
     today = base + timedelta(days=200)  # some histories go on after it, as in a service whose clock lags
     model = fit(histories, today, min_customers=100)
     assert model is not None and model.fitted_on == today.isoformat()
-    assert model.params.customers == 300 and model.train_customers == 300
+    assert model.params.customers == 320 and model.train_customers == 320
     assert 0 < model.train_positive_rate < 1 and model.train_auc > 0.5
     assert fit(histories, today, min_customers=1000) is None
+    # The same fit as from the histories cut at its day: nothing after `today` labels it either.
+    cut = fit({c: h.as_of(today) for c, h in histories.items()}, today, min_customers=100)
+    assert cut is not None and cut.train_positive_rate == model.train_positive_rate
+    assert cut.to_doc()["features"] == model.to_doc()["features"]
 
 
 def test_remembered_band_changes_are_those_of_the_model_in_use():
