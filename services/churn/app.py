@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from contracts import topics
+from services.churn import bgnbd
 from services.churn import model as risk_model
 from services.churn.bootstrap import bootstrap_model
 from services.churn.domain import ChurnDomain, history
@@ -152,13 +153,17 @@ class ModelMaintenance:
             self._last_wall = time.monotonic()
             histories = await self.store.histories()
             started = time.monotonic()
-            fitted = await asyncio.to_thread(
-                risk_model.fit,
-                histories,
-                now.date(),
-                version=max(current.version, latest.version if latest else 0) + 1,
-                min_customers=self.settings.refit_min_customers,
-            )
+            try:
+                fitted = await asyncio.to_thread(
+                    risk_model.fit,
+                    histories,
+                    now.date(),
+                    version=max(current.version, latest.version if latest else 0) + 1,
+                    min_customers=self.settings.refit_min_customers,
+                )
+            except bgnbd.FitError as exc:
+                log.warning("risk model refit failed, version %d stays in use: %s", current.version, exc)
+                return
             if fitted is None:
                 log.info(
                     "risk model refit skipped: fewer than %d customers with 90 days of history",
