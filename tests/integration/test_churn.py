@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 
-from contracts.crm import ProfileUpdated, ProfileUpdatedData
+from contracts.crm import ProfileUpdated, ProfileUpdatedData, TierChanged, TierChangedData
 from services.churn.app import build
 from services.churn.settings import ChurnSettings
 from services.runtime.clock import EventClock
@@ -37,6 +37,17 @@ def _vip_profile(cid: str, at: datetime) -> dict:
     return json.loads(ev.to_bytes())
 
 
+def _gold_member(cid: str, at: datetime) -> dict:
+    ev = TierChanged(
+        event_id=uuid.uuid4(),
+        occurred_at=at,
+        producer="loyalty",
+        customer_id=cid,
+        data=TierChangedData(from_tier="Silver", to_tier="Gold", reason="upgrade"),
+    )
+    return json.loads(ev.to_bytes())
+
+
 async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_back(common):
     settings = ChurnSettings(http_port=free_port(), api_token=TOKEN, refit_min_customers=10_000)
     common = common.model_copy(update={"sweep_interval_s": 0.2})
@@ -49,13 +60,14 @@ async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_
             purchase(cid, total="25.00", occurred_at=(START + timedelta(days=30 * i)).isoformat()) for i in range(8)
         ]
         await _send(common, "crm.profile", [_vip_profile(cid, START)])
+        await _send(common, "crm.tiers", [_gold_member(cid, START)])  # loyalty's tier, on its own topic
         await _send(common, "shop.purchases", buys)
         last = START + timedelta(days=30 * 7)
         api = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{settings.http_port}", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         seen = await eventually(lambda: _purchase_days(api, cid, 8))
-        assert seen["risk"]["band"] == "low" and seen["value_tier"] == "vip"
+        assert seen["risk"]["band"] == "low" and seen["value_tier"] == "vip" and seen["loyalty_tier"] == "Gold"
 
         # Nothing more from this customer. Time moves on through another customer's page views,
         # four event days at a time, slowly enough for the sweeps to see each day come.
@@ -74,7 +86,9 @@ async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_
         by_step = {json.loads(r.value)["data"].get("step", 3): json.loads(r.value) for r in retention}
         care, offer = by_step[1]["data"], by_step[2]["data"]
         assert care["kind"] == "care" and care["template_data"]["recommendations"] == ["jazz", "classical"]
-        assert offer["kind"] == "offer" and offer["template_data"]["offer_percent"] == 20  # VIP, no loyalty tier
+        # VIP 20 %, and 3 more for a Gold member of the loyalty programme.
+        assert offer["kind"] == "offer" and offer["template_data"]["offer_percent"] == 23
+        assert offer["template_data"]["loyalty_tier"] == "Gold"
         assert care["band"] in ("high", "lost")
         assert any("usual gap of 30 days" in r for r in care["reasons"]), care["reasons"]
         # Crossed by time alone: the care step is dated by the event clock, long after the last purchase.
