@@ -588,6 +588,9 @@ def summarize_soak(samples: list[dict], rate: float, seconds: float, sent: int) 
         "seconds": seconds,
         "offered_events_per_s": round(rate, 1),
         "events": sent,
+        # What the publisher kept up with: below the offered rate when it fell behind (its sends
+        # wait for the broker's acknowledgements on the same two cores).
+        "sent_events_per_s": round(sent / seconds, 1) if seconds else None,
         "rss_mb_after_warmup": first["rss_mb"],
         "rss_mb_end": last["rss_mb"],
         "rss_growth_percent": growth,

@@ -22,6 +22,9 @@ def test_growth_counts_from_the_first_sample_after_the_warm_up():
     assert s["rss_mb_after_warmup"] == {"profile": 100}
     assert s["rss_growth_percent"] == {"profile": 5.0}
     assert s["rss_growth_under_10_percent"]
+    assert s["sent_events_per_s"] == 50.0  # 5,000 events in 100 s, as offered
+    behind = summarize_soak(samples([100] * 10, [0] * 10), 50.0, 100, 4220)
+    assert (behind["offered_events_per_s"], behind["sent_events_per_s"]) == (50.0, 42.2)
 
 
 def test_a_leak_and_a_climbing_lag_are_reported():
