@@ -87,12 +87,10 @@ def fit(x: Sequence[int], t_x: Sequence[float], T: Sequence[float], *, penalizer
     )
     r, alpha, a, b = np.exp(result.x)
     ll = float(np.sum(weights * _log_likelihood_terms(result.x, xs, txs, Ts)))
-    # r, alpha or a beyond 1e-6..1e6 mean the data do not identify the model (hardly any repeat
-    # buyers: r -> 0 and alpha -> infinity; a few quick repeaters among one-time buyers: a -> 1e7,
-    # every repeater "dead"), all reported as a success. b alone may run off: b -> infinity with a
-    # moderate a is the no-dropout limit, which CDNOW's first 100 days fit (b = 2.1e6).
-    plausible = all(1e-6 <= v <= 1e6 for v in (r, alpha, a))
-    if not result.success or not np.all(np.isfinite([r, alpha, a, b, ll])) or not plausible:
+    # Limits are legitimate answers (b -> infinity: nobody drops out, CDNOW's first 100 days;
+    # r and alpha -> infinity together: one purchase rate for all), so only a failed or
+    # non-finite fit is refused.
+    if not result.success or not np.all(np.isfinite([r, alpha, a, b, ll])) or min(r, alpha, a, b) <= 0:
         found = f"r={r:.3g} alpha={alpha:.3g} a={a:.3g} b={b:.3g}"
         raise FitError(f"BG/NBD fit did not converge ({result.message}; {found})")
     return BgNbdParams(float(r), float(alpha), float(a), float(b), ll, int(weights.sum()))

@@ -129,6 +129,20 @@ def _newest_day(st: dict[str, Any], day: date) -> date:
     return max(day, date.fromisoformat(newest))
 
 
+def _ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+def _not_before_last(st: dict[str, Any], when: datetime) -> datetime:
+    """`when`, or the start of the day of the last assessment if that is later: an event read after
+    the sweep had moved the band on is assessed there, not on its own day, which would move the
+    band back (and the next sweep forward again, each time with an event)."""
+    if st["risk"] is None:
+        return when
+    last = _midnight(date.fromisoformat(st["risk"]["on"]))
+    return last if last > when else when
+
+
 def _day(t: datetime) -> date:
     return t.astimezone(UTC).date()
 
@@ -225,7 +239,8 @@ class ChurnDomain:
             st["first"] = key
         derived: list[Event] = []
         ladder = st["ladder"]
-        if ladder["step"] > 0 and not st["erased"]:
+        # A purchase from before the customer was at risk (read late) is no win-back.
+        if ladder["step"] > 0 and not st["erased"] and event.occurred_at >= _ts(ladder["at_risk_since"]):
             since = datetime.fromisoformat(ladder["at_risk_since"])
             derived.append(
                 derive(
@@ -241,7 +256,7 @@ class ChurnDomain:
             )
             ladder.update(step=0, at_risk_since=None, step_at=None)
         _trim(st, _newest_day(st, day), self.ladder.history_days)
-        return derived + self._reassess(st, event.customer_id, event.occurred_at, cause=event)
+        return derived + self._reassess(st, event.customer_id, _not_before_last(st, event.occurred_at), cause=event)
 
     def _interaction(self, st: dict[str, Any], event: InteractionRecorded) -> list[Event]:
         key = _day(event.occurred_at).isoformat()
@@ -251,7 +266,7 @@ class ChurnDomain:
         if event.data.score is not None and event.data.score <= LOW_SCORE:
             st["low_scores"].append(key)
         _trim(st, _newest_day(st, _day(event.occurred_at)), self.ladder.history_days)
-        return self._reassess(st, event.customer_id, event.occurred_at, cause=event)
+        return self._reassess(st, event.customer_id, _not_before_last(st, event.occurred_at), cause=event)
 
     # --- time ---------------------------------------------------------------------------------
 

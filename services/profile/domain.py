@@ -193,6 +193,12 @@ def _newer_fields(st: dict[str, Any], at: datetime, names) -> list[str]:
     return fresh
 
 
+def _not_before_last(state: dict[str, Any], when: datetime) -> datetime:
+    """`when`, or the time of the state's last evaluation if that is later (`as_of`)."""
+    last = _ts(state.get("as_of"))
+    return last if last is not None and last > when else when
+
+
 def _digest(value: str) -> str:
     return "#" + hashlib.sha256(value.encode()).hexdigest()[:24]
 
@@ -220,9 +226,11 @@ class ProfileDomain:
             return state, []  # e.g. redemption requests: loyalty's business
         # Judged as of the event's own time when the clock is past it: a batch's clock already
         # stands where its last watermark put it (up to a day on), and recency, stage and segment
-        # must not depend on where a batch happened to end.
-        now = min(now, event.occurred_at)
+        # must not depend on where a batch happened to end. Never before the last evaluation,
+        # though: an event read late (after a sweep moved the stage on) would move it back, and
+        # the next sweep forward again, each time with an event to every consumer.
         before = state or new_state()
+        now = _not_before_last(before, min(now, event.occurred_at))
         st = _clone(before)
         out: list[Event] = []
         handler(self, st, event, now, out)
@@ -234,6 +242,7 @@ class ProfileDomain:
                 out,
                 lambda cls, data, disc: derive(cls, event, data, producer=PRODUCER, discriminator=disc),
             )
+        st["as_of"] = now.isoformat()
         return st, out
 
     # The runtime runs `tick` as of an event's time before applying it: a follow-up or greeting
@@ -245,6 +254,7 @@ class ProfileDomain:
         # tier and stage, so the rest (orders, history) is shared with the input. Most ticks
         # change nothing, and the deep copy of a long history was the sweep's largest cost.
         st = {**state, "care": dict(state["care"]), "due": dict(state["due"])}
+        now = _not_before_last(state, now)
         out: list[Event] = []
         if not st.get("erased_at"):
             self._due_followup(st, customer_id, now, out)
@@ -257,7 +267,8 @@ class ProfileDomain:
 
         self._evaluate(st, state, now, out, make)
         if not out and st == state:
-            return state, []
+            return state, []  # nothing to write: `as_of` stays where the last change put it
+        st["as_of"] = now.isoformat()
         return st, out
 
     def due(self, state: dict[str, Any], now: datetime | None = None) -> datetime | None:

@@ -6,7 +6,7 @@ import copy
 import dataclasses
 import json
 import math
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -285,6 +285,22 @@ def test_an_order_resent_under_a_new_event_id_counts_once_and_wins_nobody_back()
     after, out = d.apply(state, resent, T0 + timedelta(days=320))
     assert not [e for e in out if e.type in ("CustomerWonBack", "ChurnRiskChanged")]
     assert after["spend"] == state["spend"] and after["ladder"] == state["ladder"]
+
+
+def test_an_event_read_after_the_sweep_moved_the_band_does_not_move_it_back():
+    d = ChurnDomain(MODEL)
+    state, _ = run(d, monthly())
+    state, _ = follow_the_clock(d, state, T0 + timedelta(days=210), 110)
+    assert state["ladder"]["step"] >= 1 and state["risk"]["band"] in ("high", "lost")
+    on = datetime.combine(date.fromisoformat(state["risk"]["on"]), time(12), tzinfo=UTC)
+    view = ev(InteractionRecorded, InteractionRecordedData(kind="page_view", channel="web"), on - timedelta(days=50))
+    after, out = d.apply(state, view, on)
+    assert [e.type for e in out if e.type == "ChurnRiskChanged"] == []
+    assert after["risk"]["band"] == state["risk"]["band"]
+    # A purchase from before the ladder started, read only now, is no win-back.
+    old = buy(order="late", at=datetime.fromisoformat(state["ladder"]["at_risk_since"]) - timedelta(days=1))
+    _, out = d.apply(state, old, on)
+    assert [e.type for e in out if e.type == "CustomerWonBack"] == []
 
 
 def test_complaints_and_low_scores_raise_the_risk_with_their_reason():

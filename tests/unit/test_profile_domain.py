@@ -380,6 +380,24 @@ def test_no_satisfaction_follow_up_for_a_returned_order_or_during_a_complaint():
     assert "satisfaction_follow_up" not in kinds(out)
 
 
+def test_an_event_read_after_a_sweep_moved_the_stage_does_not_move_it_back():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy("o1"), buy("o2", at=T0 + timedelta(days=10))])
+    swept, moved = T0 + timedelta(days=10), []
+    while not moved:  # the sweep, at each due time, until the stage moves by time alone
+        swept = max(d.due(state, swept), swept + timedelta(seconds=1))
+        state, out = d.tick(state, "c1", swept)
+        moved = [(e.data.from_stage, e.data.to_stage) for e in out if e.type == "LifecycleStageChanged"]
+        assert swept < T0 + timedelta(days=400)
+    late = _ev(
+        InteractionRecorded, InteractionRecordedData(kind="page_view", channel="web"), swept - timedelta(hours=2)
+    )
+    state, out = d.apply(state, late, swept)
+    assert [e.type for e in out if e.type in ("LifecycleStageChanged", "SegmentChanged")] == []
+    _, out = d.tick(state, "c1", swept + timedelta(hours=1))
+    assert [e.type for e in out if e.type in ("LifecycleStageChanged", "SegmentChanged")] == []
+
+
 def test_apply_never_mutates_its_input_and_tick_returns_the_same_state_when_idle():
     d = ProfileDomain()
     state, _ = run(d, [reg(), buy()])
