@@ -278,6 +278,7 @@ class Deliverer:
             except Exception:
                 self._unrecorded = earlier + self._unrecorded
                 raise
+            domain.in_flight -= {job.request_id for job, _, _ in earlier}
 
         limit = asyncio.Semaphore(self.concurrency)
 
@@ -285,7 +286,17 @@ class Deliverer:
             async with limit:
                 return await self.send(snapshots[job.customer_id], job, now)
 
-        outcomes = await asyncio.gather(*(send(job) for _, job in jobs))
+        out = {job.request_id for _, job in jobs}
+        domain.in_flight |= out  # batches meanwhile leave these jobs to their outcome
+        try:
+            outcomes = await asyncio.gather(*(send(job) for _, job in jobs))
+            await self._record_round(jobs, outcomes, ids, now, epoch)
+        finally:
+            # Outcomes not written yet stay out until the next round records them.
+            domain.in_flight -= out - {job.request_id for job, _, _ in self._unrecorded}
+
+    async def _record_round(self, jobs, outcomes, ids: list[str], now: datetime, epoch: int) -> None:
+        host = self.host
 
         async with host.pipeline.lock:
             if host.assignment_epoch != epoch:  # only if a revocation outwaited the guard

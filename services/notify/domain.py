@@ -118,6 +118,9 @@ class NotifyDomain:
 
     def __init__(self, rules: NotifyRules | None = None):
         self.rules = rules or NotifyRules()
+        # Request ids whose message the delivery has handed to a provider and not recorded yet
+        # (services/notify/delivery.py keeps it). Not state: after a restart nothing is out.
+        self.in_flight: set[str] = set()
 
     # -- events ---------------------------------------------------------------
     def wants(self, event: Event) -> bool:
@@ -211,6 +214,10 @@ class NotifyDomain:
     def _revisit(self, st, cid, now: datetime, out: list[Event], *, statuses, due_only: bool = False) -> None:
         for job in list(st["jobs"].values()):
             if job["status"] not in statuses or (due_only and _ts(job["wake"]) > now):
+                continue
+            if not due_only and job["rid"] in self.in_flight:
+                # Out already: its outcome decides. Suppressed now, it was announced as both
+                # suppressed and sent (consent revoked during the send).
                 continue
             if job["status"] != "queued":
                 self._decide(st, cid, job, now, out)

@@ -299,3 +299,19 @@ def test_a_suppressed_marketing_message_gives_its_cap_back():
     assert state["marketing_sent"]["sms"] == []
     state, out = d.apply(state, offer(NOON + timedelta(hours=3)), NOON + timedelta(hours=3))
     assert out == [] and only_job(d, state).kind == "retention_offer"
+
+
+def test_a_message_out_with_a_provider_is_left_to_its_outcome_when_consent_changes():
+    d = NotifyDomain()
+    state, _ = run(d, [profile(), care()])
+    job = only_job(d, state)  # on SMS, handed to the provider...
+    d.in_flight.add(job.request_id)
+    state, out = d.apply(state, profile(sms=False), NOON)  # ...while consent to SMS is revoked
+    assert out == [] and only_job(d, state).channel == "sms"
+    state, out = d.record(state, job, Sent("sms", "gw"), NOON)
+    assert [e.type for e in out] == ["NotificationSent"] and state["jobs"] == {}
+    # Not out: decided again at once, as before.
+    d.in_flight.clear()
+    state, _ = run(d, [profile(), care()])
+    state, out = d.apply(state, profile(sms=False, email=False), NOON)
+    assert [e.type for e in out] == ["NotificationSuppressed"]
