@@ -39,6 +39,7 @@ def rules_from(s: ProfileSettings) -> ProfileRules:
         followup_expiry_days=s.followup_expiry_days,
         birthday_hour=s.birthday_hour,
         top_categories=s.top_categories,
+        currency_rates=dict(s.currency_rates),
         lifecycle=LifecycleRules(
             default_cadence_days=s.default_cadence_days,
             mature_min_days=s.mature_min_days,

@@ -59,6 +59,8 @@ class ProfileRules:
     recent_events: int = 10
     orders_kept: int = 200
     consent_history_kept: int = 50
+    # Value of one unit in the currency of the shared cut points (rfm._against).
+    currency_rates: dict[str, Decimal] = field(default_factory=lambda: dict(rfm.DEFAULT_RATES))
 
 
 def _clone(state: dict[str, Any]) -> dict[str, Any]:
@@ -585,12 +587,14 @@ class ProfileDomain:
         cur = primary_currency(st)
         old_rfm = before.get("rfm") if before else None
         if since is not None and cur is not None:
-            s = rfm.score(since, st["purchases"]["days"], net_spend(st, cur), cur, bp)
+            s = rfm.score(since, st["purchases"]["days"], net_spend(st, cur), cur, bp, rules.currency_rates)
             if old_rfm is None or (old_rfm["r"], old_rfm["f"], old_rfm["m"]) != (s.r, s.f, s.m):
                 # The version says which breakpoints produced these scores; a new version that
                 # scores the customer the same changes nothing (and costs no write).
                 st["rfm"] = {"r": s.r, "f": s.f, "m": s.m, "segment": s.segment, "version": s.version}
-        st["value_tier"] = rfm.value_tier(net_spend(st, cur), cur, bp) if st["registered_at"] or cur else None
+        st["value_tier"] = (
+            rfm.value_tier(net_spend(st, cur), cur, bp, rules.currency_rates) if st["registered_at"] or cur else None
+        )
         cad = cadence(st, rules)
         st["stage"] = lifecycle.stage(st["purchases"]["days"], since, cad, rules.lifecycle)
         if st.get("erased_at"):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -116,9 +116,36 @@ def frequency_score(purchase_days: int, bp: Breakpoints) -> int:
     return 1 + _cut(purchase_days, bp.frequency)
 
 
-def monetary_score(net_spend: Decimal, currency: str, bp: Breakpoints) -> int:
-    points = bp.monetary.get(currency) or bp.monetary.get("*") or BOOTSTRAP.monetary["*"]
-    return 1 + _cut(float(net_spend), points)
+Rates = Mapping[str, Decimal]
+# What one unit of a currency is worth in the currency of the bootstrap cut points (USD-sized).
+DEFAULT_RATES: dict[str, Decimal] = {"USD": Decimal(1)}
+
+
+def _against(
+    net_spend: Decimal, currency: str, table: Mapping[str, Sequence[float]], rates: Rates
+) -> tuple[Sequence[float], float] | None:
+    """The cut points a customer's net spend is compared with, and the spend in their units.
+
+    A currency with cut points of its own uses them. Otherwise the shared ones ("*", USD-sized),
+    after conversion where a rate is configured, or as they are while no currency has cut points
+    of its own (a new or one-currency base). A minority currency without a rate is not comparable
+    (None): a 5,000 JPY order is not a VIP's spend."""
+    own = table.get(currency)
+    if own is not None:
+        return own, float(net_spend)
+    shared = table.get("*") or BOOTSTRAP.monetary["*"]
+    rate = rates.get(currency)
+    if rate is not None:
+        return shared, float(net_spend * rate)
+    if not any(k != "*" for k in table):
+        return shared, float(net_spend)
+    return None
+
+
+def monetary_score(net_spend: Decimal, currency: str, bp: Breakpoints, rates: Rates = DEFAULT_RATES) -> int:
+    """1-5; 3 (neither high nor low) for a minority currency the cut points cannot judge."""
+    found = _against(net_spend, currency, bp.monetary, rates)
+    return 3 if found is None else 1 + _cut(found[1], found[0])
 
 
 def segment(r: int, f: int, m: int) -> str:
@@ -128,12 +155,15 @@ def segment(r: int, f: int, m: int) -> str:
     return SEGMENT_GRID[r][fm - 1]
 
 
-def value_tier(net_spend: Decimal, currency: str | None, bp: Breakpoints) -> str:
-    """VIP / high / medium / low by net spend against the population's percentiles."""
+def value_tier(net_spend: Decimal, currency: str | None, bp: Breakpoints, rates: Rates = DEFAULT_RATES) -> str | None:
+    """VIP / high / medium / low by net spend against the population's percentiles; None for a
+    minority currency without a rate (see `_against`)."""
     if currency is None or net_spend <= 0:
         return "low"
-    medium, high, vip = bp.tiers.get(currency) or bp.tiers.get("*") or BOOTSTRAP.tiers["*"]
-    spend = float(net_spend)
+    found = _against(net_spend, currency, bp.tiers, rates)
+    if found is None:
+        return None
+    (medium, high, vip), spend = found
     if spend >= vip:
         return "vip"
     if spend >= high:
@@ -152,10 +182,17 @@ class Scores:
     version: int
 
 
-def score(days_since_last: float, purchase_days: int, net_spend: Decimal, currency: str, bp: Breakpoints) -> Scores:
+def score(
+    days_since_last: float,
+    purchase_days: int,
+    net_spend: Decimal,
+    currency: str,
+    bp: Breakpoints,
+    rates: Rates = DEFAULT_RATES,
+) -> Scores:
     r = recency_score(days_since_last, bp)
     f = frequency_score(purchase_days, bp)
-    m = monetary_score(net_spend, currency, bp)
+    m = monetary_score(net_spend, currency, bp, rates)
     return Scores(r, f, m, segment(r, f, m), bp.version)
 
 

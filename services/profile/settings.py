@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -32,6 +34,9 @@ class ProfileSettings(ServiceSettings):
     rfm_min_customers: int = Field(100, ge=5, description="population needed before breakpoints are computed")
     rfm_min_history_days: float = Field(180.0, ge=0, description="purchase history needed for recency cut points")
     value_tier_quantiles: tuple[float, float, float] = (0.40, 0.75, 0.95)
+    # What one unit of each currency is worth in USD, the currency of the shared cut points: used
+    # for a currency with too few buyers for cut points of its own (JSON, e.g. {"USD":1,"JPY":0.0067}).
+    currency_rates: dict[str, Decimal] = Field(default_factory=lambda: {"USD": Decimal(1)})
 
     default_cadence_days: float = Field(90.0, gt=0)
     mature_min_days: int = Field(5, ge=2)

@@ -70,6 +70,22 @@ BP = rfm.Breakpoints(
 )
 
 
+def test_a_minority_currency_is_not_judged_by_another_currencys_cut_points():
+    bp = BP.__class__(**{**BP.__dict__, "monetary": {**BP.monetary, "*": (25, 60, 150, 400)},
+                         "tiers": {**BP.tiers, "*": (60, 250, 1000)}})  # fmt: skip
+    # 5,000 JPY (about 33 USD) among USD buyers: no rate, no verdict, instead of M=5 and VIP.
+    assert rfm.monetary_score(Decimal(5000), "JPY", bp, {}) == 3
+    assert rfm.value_tier(Decimal(5000), "JPY", bp, {}) is None
+    # With a rate it is judged in USD against the shared cut points.
+    rates = {"USD": Decimal(1), "JPY": Decimal("0.0067")}
+    assert rfm.monetary_score(Decimal(5000), "JPY", bp, rates) == 2  # 33.5 USD
+    assert rfm.value_tier(Decimal(5000), "JPY", bp, rates) == "low"
+    # A base where no currency has cut points of its own (a new one, or EUR only) shares them as before.
+    assert rfm.monetary_score(Decimal(70), "EUR", rfm.BOOTSTRAP, {}) == 3
+    assert rfm.value_tier(Decimal(300), "EUR", rfm.BOOTSTRAP, {}) == "high"
+    assert rfm.monetary_score(Decimal(70), "USD", bp, {}) == 3  # its own cut points
+
+
 @pytest.mark.parametrize(
     ("days", "score"), [(0, 5), (20, 5), (20.5, 4), (60, 4), (61, 3), (150, 3), (151, 2), (300, 2), (301, 1)]
 )
