@@ -139,16 +139,19 @@ class _Rebalance(ConsumerRebalanceListener):
         # Let the work in flight finish: the batch and its commit (the subscriber holds `lock`
         # across both), and whatever else holds `guard` (e.g. messages being sent).
         held: list[asyncio.Lock] = []
-        try:
-            for lk in (self.guard, self.lock):
-                if lk is not None:
-                    await asyncio.wait_for(lk.acquire(), self.timeout_s)
-                    held.append(lk)
-        except TimeoutError:
-            log.warning(
-                "rebalance: work still running after %.0fs; its commit may fail and it will be redelivered",
-                self.timeout_s,
-            )
+        # Each lock is waited for on its own: a guard that times out (a send that hangs) must not
+        # skip the wait for the batch in flight, whose cache would otherwise be dropped under it.
+        for lk in (self.guard, self.lock):
+            if lk is None:
+                continue
+            try:
+                await asyncio.wait_for(lk.acquire(), self.timeout_s)
+                held.append(lk)
+            except TimeoutError:
+                log.warning(
+                    "rebalance: work still running after %.0fs; its commit may fail and it will be redelivered",
+                    self.timeout_s,
+                )
         try:
             self.on_revoke()
         finally:

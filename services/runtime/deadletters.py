@@ -51,9 +51,11 @@ class DeadLetterView:
         }
 
 
-async def _read(consumer: AIOKafkaConsumer, parts: list[TopicPartition]) -> AsyncIterator[DeadLetterView]:
-    """Everything from the current position up to the end offsets at the time of the call."""
-    end = await consumer.end_offsets(parts)
+async def _read(
+    consumer: AIOKafkaConsumer, parts: list[TopicPartition], end: dict[TopicPartition, int] | None = None
+) -> AsyncIterator[DeadLetterView]:
+    """Everything from the current position up to `end` (default: the end offsets at the time of the call)."""
+    end = end if end is not None else await consumer.end_offsets(parts)
     remaining = {tp for tp in parts if await consumer.position(tp) < end[tp]}
     while remaining:
         batch = await consumer.getmany(*remaining, timeout_ms=2000)
@@ -115,7 +117,8 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
                 consumer.seek(tp, committed)
         count = 0
         futures = []
-        async for dl in _read(consumer, parts):
+        end = await consumer.end_offsets(parts)
+        async for dl in _read(consumer, parts, end):
             if header(dl.headers, DLQ_TRUNCATED) is not None:
                 # Refused for its size: only a prefix was kept, and it could never be processed anyway.
                 log.warning("not replaying %s[%d]@%d: truncated oversized message", name, dl.partition, dl.offset)
@@ -126,7 +129,9 @@ async def replay_dead_letters(settings: CommonSettings, topic: str, *, from_begi
             count += 1
         for f in futures:
             await f
-        await consumer.commit({tp: await consumer.position(tp) for tp in parts})
+        # Up to what was read, never past `end`: a fetch may have gone beyond it, and a dead letter
+        # written meanwhile (a replayed message that failed again) was not replayed by this run.
+        await consumer.commit({tp: min(await consumer.position(tp), end[tp]) for tp in parts})
         return count
     finally:
         await producer.stop()

@@ -279,9 +279,16 @@ class Pipeline:
             what="store read",
         )
         for doc in docs.values():
-            if doc.state is not None and self._tick_doc(doc, now, result) is False:
+            if doc.state is None:
+                continue
+            ticked = self._tick_doc(doc, now, result)
+            if ticked is False:
                 # Only the due time moved (e.g. new scoring rules): the schedule in memory
                 # is enough; the stored value is refreshed by the next real write.
+                self.store.schedule.set(doc.customer_id, doc.due)
+            elif ticked is None:
+                # Failed: taken off the schedule by `pop_due`, so put back where it was, or it
+                # would wait for the customer's next event or the next rebalance.
                 self.store.schedule.set(doc.customer_id, doc.due)
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),

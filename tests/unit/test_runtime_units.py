@@ -433,3 +433,56 @@ def test_a_stored_outbox_entry_of_a_moved_event_type_goes_to_its_new_topic():
     assert stored("crm.care", "SegmentChanged") == "crm.care"
     bad = OutboxEntry.from_doc({"t": "crm.profile", "id": "x", "v": b"\xff not json", "k": b"c1"}, codec)
     assert bad.topic == "crm.profile" and bad.value == b"\xff not json"
+
+
+async def test_a_revocation_waits_for_the_batch_even_when_the_guard_times_out():
+    import asyncio
+
+    from services.runtime.broker import _Rebalance
+
+    lock, guard, batch_done, seen = asyncio.Lock(), asyncio.Lock(), asyncio.Event(), []
+    listener = _Rebalance(lock, lambda: seen.append(batch_done.is_set()), lambda: None, 0.2, guard=guard)
+    await guard.acquire()  # messages out with a provider that hangs
+    await lock.acquire()  # a batch in flight
+
+    async def batch_ends():
+        await asyncio.sleep(0.3)
+        batch_done.set()
+        lock.release()
+
+    ending = asyncio.create_task(batch_ends())
+    await listener.on_partitions_revoked(set())
+    await ending
+    # The guard's wait gave up after 0.2 s, the batch's did not: the cache was dropped after it.
+    assert seen == [True]
+
+
+async def test_a_tick_that_fails_stays_due_for_the_next_sweep():
+    from contracts import registry_for, topics
+    from services.bench import _purchase
+    from services.loyalty.domain import LoyaltyDomain
+    from services.loyalty.settings import LoyaltySettings
+    from services.runtime.clock import EventClock
+    from services.runtime.pipeline import Pipeline
+    from services.runtime.records import Record
+    from services.runtime.statestore import StateStore
+
+    t0 = datetime(1997, 3, 1, tzinfo=UTC)
+    clock = EventClock(start=t0)
+    store = StateStore(_Collection())
+    store.complete = True
+    domain = LoyaltyDomain(LoyaltySettings().rules())
+    pipeline = Pipeline(service="loyalty", domain=domain, registry=registry_for(topics.SHOP_PURCHASES),
+                        store=store, publisher=_Publisher(), clock=clock)  # fmt: skip
+    buy = _purchase("c1", t0, "o1", "100.00")
+    await pipeline.handle([Record(topics.SHOP_PURCHASES, 0, 0, buy.key(), buy.to_bytes())])
+    due = store.schedule.due["c1"]
+    assert due is not None
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug for this customer")
+
+    pipeline._tick = broken  # what the pipeline calls (bound at construction)
+    assert store.schedule.pop_due(due, 10) == ["c1"]  # as the sweep loop takes it
+    await pipeline.sweep(["c1"], due)
+    assert store.schedule.due["c1"] == due  # back on the schedule, not forgotten
