@@ -50,7 +50,7 @@ from typing import Any, Protocol
 import lz4.block
 from pymongo import ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import AutoReconnect, ConnectionFailure, NetworkTimeout, OperationFailure
+from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure, NetworkTimeout, OperationFailure
 
 from contracts import TOPIC_OF_TYPE, topics
 from services.runtime.turns import StoreTurns
@@ -183,7 +183,7 @@ class CustomerDoc:
     def pending(self) -> list[OutboxEntry]:
         return [e for e in self.outbox if e.event_id not in self.published]
 
-    def to_doc(self, codec: Codec) -> dict[str, Any]:
+    def to_doc(self, codec: Codec, rev: int | None = None) -> dict[str, Any]:
         # Entries already published are dropped here: this is the lazy trim.
         return {
             "_id": self.customer_id,
@@ -191,7 +191,7 @@ class CustomerDoc:
             "seen": self.seen,
             "outbox": [e.to_doc(codec) for e in self.pending()],
             "due": self.due,
-            "rev": self.rev,
+            "rev": self.rev if rev is None else rev,
         }
 
 
@@ -364,9 +364,13 @@ class StateStore:
                 found[d["_id"]] = d
                 if len(found) + len(self.cache) > self.cache_size:
                     return None
-        for cid, d in found.items():
+        for n, (cid, d) in enumerate(found.items(), 1):
             if cid not in self.cache:  # loaded meanwhile (notify's deliveries run beside batches): newer
                 self._set(cid, CustomerDoc.from_doc(d, self.codec).pack())
+            if n % 1000 == 0:
+                # Decoding and packing is CPU work (about 20 s for 200,000 documents): let the
+                # consumer's heartbeats run, or the group takes the partitions away meanwhile.
+                await asyncio.sleep(0)
         self.complete = True
         return len(found)
 
@@ -440,22 +444,44 @@ class StateStore:
             self.complete = False  # the evicted document is in the store only now
 
     async def save(self, docs: Iterable[CustomerDoc]) -> int:
-        """One unordered bulk write of every dirty document."""
+        """One unordered bulk write of every dirty document.
+
+        Each replaces the stored document only if that is still the revision this one was read
+        as (`rev`; 0: none stored). A partition has one owner, but an owner that has not heard of
+        its revocation yet (its batch outlived the rebalance timeout, or it missed its heartbeats)
+        can still be writing: its write then fails with a duplicate key instead of overwriting
+        the new owner's, and its batch is delivered again (to whoever owns it) and read afresh.
+        """
         ops = []
         dirty = []
         for doc in docs:
             if doc.dirty:
-                doc.rev += 1
-                ops.append(ReplaceOne({"_id": doc.customer_id}, doc.to_doc(self.codec), upsert=True))
+                ops.append(ReplaceOne({"_id": doc.customer_id, "rev": doc.rev}, doc.to_doc(self.codec, doc.rev + 1),
+                                      upsert=True))  # fmt: skip
                 dirty.append(doc)
         if not ops:
             return 0
         try:
             async with self.turns.turn():
                 await self.collection.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            stale = [
+                dirty[e["index"]].customer_id for e in exc.details.get("writeErrors", []) if e.get("code") == 11000
+            ]
+            if stale:
+                log.warning(
+                    "%d document(s) changed in the store since this consumer read them (e.g. %s): another "
+                    "consumer owns them now; the batch is delivered again and read afresh",
+                    len(stale),
+                    stale[0],
+                )
+            self.unwritten(dirty)
+            raise
         except (OperationFailure, *TRANSIENT_STORE_ERRORS):
             self.unwritten(dirty)
             raise
+        for doc in dirty:
+            doc.rev += 1
         for doc in dirty:
             if self.tally is not None:
                 new = self.tally.labels(doc.state)
