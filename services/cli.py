@@ -493,6 +493,7 @@ def cmd_loyalty(args: argparse.Namespace) -> int:
 
 def cmd_churn(args: argparse.Namespace) -> int:
     from services.churn.backtest import BacktestError
+    from services.churn.bgnbd import FitError
     from services.churn.transactions import TransactionsError, read_purchases
 
     try:
@@ -502,7 +503,7 @@ def cmd_churn(args: argparse.Namespace) -> int:
         return {"fit": _churn_fit, "score": _churn_score, "backtest": _churn_backtest}[args.churn_command](
             args, purchases
         )
-    except (OSError, TransactionsError, BacktestError) as exc:
+    except (OSError, TransactionsError, BacktestError, FitError) as exc:
         print(f"crm churn: {exc}", file=sys.stderr)
         return 2
 

@@ -207,7 +207,7 @@ def _digest(value: str) -> str:
 
 def _order_key(st: dict[str, Any], order_id: str) -> str:
     """How an order (or refund) id is kept: as it is, or only as a digest once the customer was erased."""
-    return _digest(order_id) if st.get("erased_at") else order_id
+    return _digest(order_id) if st.get("ids_digested") else order_id
 
 
 # -- the domain ----------------------------------------------------------------
@@ -452,10 +452,13 @@ class ProfileDomain:
         st["consent"] = {}
         st["consent_history"] = []
         st["recent"] = []
-        # Order and refund ids go; their digests stay, so a resent order is still counted once.
-        st["orders"] = {
-            _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
-        }
+        # Order and refund ids go; their digests stay, so a resent order is still counted once
+        # (and stay digests for good: after a new registration too). Digested once only.
+        if not st.get("ids_digested"):
+            st["orders"] = {
+                _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
+            }
+            st["ids_digested"] = True
         st["details_at"] = {}
         st["complaints"]["open"] = []
         st["care"]["followup"] = None

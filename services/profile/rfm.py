@@ -122,7 +122,7 @@ DEFAULT_RATES: dict[str, Decimal] = {"USD": Decimal(1)}
 
 
 def _against(
-    net_spend: Decimal, currency: str, table: Mapping[str, Sequence[float]], rates: Rates
+    net_spend: Decimal, currency: str, table: Mapping[str, Sequence[float]], rates: Rates, bootstrap: Sequence[float]
 ) -> tuple[Sequence[float], float] | None:
     """The cut points a customer's net spend is compared with, and the spend in their units.
 
@@ -133,7 +133,7 @@ def _against(
     own = table.get(currency)
     if own is not None:
         return own, float(net_spend)
-    shared = table.get("*") or BOOTSTRAP.monetary["*"]
+    shared = table.get("*") or bootstrap
     rate = rates.get(currency)
     if rate is not None:
         return shared, float(net_spend * rate)
@@ -144,7 +144,7 @@ def _against(
 
 def monetary_score(net_spend: Decimal, currency: str, bp: Breakpoints, rates: Rates = DEFAULT_RATES) -> int:
     """1-5; 3 (neither high nor low) for a minority currency the cut points cannot judge."""
-    found = _against(net_spend, currency, bp.monetary, rates)
+    found = _against(net_spend, currency, bp.monetary, rates, BOOTSTRAP.monetary["*"])
     return 3 if found is None else 1 + _cut(found[1], found[0])
 
 
@@ -160,7 +160,7 @@ def value_tier(net_spend: Decimal, currency: str | None, bp: Breakpoints, rates:
     minority currency without a rate (see `_against`)."""
     if currency is None or net_spend <= 0:
         return "low"
-    found = _against(net_spend, currency, bp.tiers, rates)
+    found = _against(net_spend, currency, bp.tiers, rates, BOOTSTRAP.tiers["*"])
     if found is None:
         return None
     (medium, high, vip), spend = found

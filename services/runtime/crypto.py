@@ -80,6 +80,8 @@ class ContactCodec:
         write of each document encrypts afresh."""
         contact = state.get("contact")
         if not contact:
+            if meta is not None:
+                meta.pop("sealed", None)  # erased: the memo's plaintexts go too
             return state
         memo = meta.setdefault("sealed", {}) if meta is not None else {}
         sealed = {}

@@ -20,7 +20,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from contracts import Event, InvalidMessage, Registry
@@ -32,6 +32,9 @@ from services.runtime.records import DLQ_SHA256, DLQ_TRUNCATED, DeadLetter, Reco
 from services.runtime.statestore import ClockMarks, CustomerDoc, OutboxEntry, StateStore, with_backoff
 
 log = logging.getLogger(__name__)
+
+# A customer whose tick failed is tried again this much later (clock time).
+TICK_RETRY = timedelta(seconds=60)
 
 TRUNCATED_PREFIX = 64 * 1024  # what an oversized message keeps in its dead letter
 
@@ -287,9 +290,10 @@ class Pipeline:
                 # is enough; the stored value is refreshed by the next real write.
                 self.store.schedule.set(doc.customer_id, doc.due)
             elif ticked is None:
-                # Failed: taken off the schedule by `pop_due`, so put back where it was, or it
-                # would wait for the customer's next event or the next rebalance.
-                self.store.schedule.set(doc.customer_id, doc.due)
+                # Failed: taken off the schedule by `pop_due`, so put back, or it would wait for the
+                # customer's next event or the next rebalance. A little later, not at its past due
+                # time: the sweep would take it again at once, for ever, and hold the event loop.
+                self.store.schedule.set(doc.customer_id, now + TICK_RETRY)
         result.docs_written = await with_backoff(
             lambda: self.store.save(docs.values()),
             attempts=self.retry_attempts,

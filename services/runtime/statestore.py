@@ -48,7 +48,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import lz4.block
-from pymongo import ReplaceOne
+from pymongo import ReplaceOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure, NetworkTimeout, OperationFailure
 
@@ -471,7 +471,8 @@ class StateStore:
             if stale:
                 log.warning(
                     "%d document(s) changed in the store since this consumer read them (e.g. %s): another "
-                    "consumer owns them now; the batch is delivered again and read afresh",
+                    "consumer owns them now, or an earlier try of this write did land though its reply was "
+                    "lost; the batch is delivered again and read afresh",
                     len(stale),
                     stale[0],
                 )
@@ -528,11 +529,13 @@ class StateStore:
 
     async def clear_outboxes(self, docs: Iterable[CustomerDoc]) -> int:
         """Drop already-published outbox entries now instead of at the next write (after an erasure)."""
-        ids = [d.customer_id for d in docs]
-        if not ids:
+        docs = list(docs)
+        if not docs:
             return 0
+        # Fenced like `save`: an owner that lost the document must not empty the new owner's outbox.
+        ops = [UpdateOne({"_id": d.customer_id, "rev": d.rev}, {"$set": {"outbox": []}}) for d in docs]
         async with self.turns.turn():
-            res = await self.collection.update_many({"_id": {"$in": ids}}, {"$set": {"outbox": []}})
+            res = await self.collection.bulk_write(ops, ordered=False)
         for d in docs:
             d.outbox = d.pending()
             d.published.clear()

@@ -34,6 +34,11 @@ async def test_a_stale_owner_s_write_fails_and_leaves_the_new_owner_s_document(c
         again.state, again.dirty = {"points": 26}, True
         await old.save([again])
         assert (await collection.find_one({"_id": "c1"}))["rev"] == 3
+        # Emptying outboxes after an erasure is fenced too: the stale copy (rev 2) leaves rev 3's alone.
+        await collection.update_one({"_id": "c1"}, {"$set": {"outbox": [{"t": "x", "id": "e1", "v": b"", "k": b""}]}})
+        assert await new.clear_outboxes([fresh]) == 0
+        assert len((await collection.find_one({"_id": "c1"}))["outbox"]) == 1
+        assert await old.clear_outboxes([again]) == 1
         # A customer created by two consumers at once: the second insert fails too.
         a, b = (await StateStore(collection).load(["c2"]))["c2"], (await StateStore(collection).load(["c2"]))["c2"]
         a.state = b.state = {"points": 1}

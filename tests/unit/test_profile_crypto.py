@@ -65,5 +65,8 @@ def test_a_document_keeps_its_tokens_while_its_fields_do_not_change():
     # Another customer with the same contact never gets the first one's tokens.
     other = codec.encode(STATE, meta_b)["contact"]
     assert all(other[k] != first[k] for k in ("name", "email", "phone"))
+    # Erased (no contact any more): the memo, which holds the plaintexts, goes too.
+    codec.encode({"contact": {}}, meta_a)
+    assert "sealed" not in meta_a
     # Without a memo every call encrypts afresh.
     assert codec.encode(STATE)["contact"]["email"] != codec.encode(STATE)["contact"]["email"]

@@ -84,6 +84,8 @@ def test_a_minority_currency_is_not_judged_by_another_currencys_cut_points():
     assert rfm.monetary_score(Decimal(70), "EUR", rfm.BOOTSTRAP, {}) == 3
     assert rfm.value_tier(Decimal(300), "EUR", rfm.BOOTSTRAP, {}) == "high"
     assert rfm.monetary_score(Decimal(70), "USD", bp, {}) == 3  # its own cut points
+    # Without shared cut points, the bootstrap's (tiers have three, scores four).
+    assert rfm.value_tier(Decimal(5000), "JPY", BP, rates) == "low"
 
 
 @pytest.mark.parametrize(
@@ -378,9 +380,15 @@ def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count
     assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")  # o1 and o2, r1 once
     assert state["erased_at"] is not None and state["recent"] == [] and state["complaints"]["total"] == 1
     assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
-    # A new registration, after the erasure, starts over.
+    # A second erasure request: still counted once.
+    again = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q2", reason="asked"), later)
+    state, _ = more(d, state, [again, buy("o1", at=T0)])
+    assert state["purchases"]["orders"] == 2
+    # A new registration, after the erasure, starts over; the old orders still count once.
     state, out = d.apply(state, reg(at=T0 + timedelta(days=5)), T0 + timedelta(days=5))
     assert state["erased_at"] is None and state["contact"]["email"] == "ann@example.com"
+    state, _ = more(d, state, [buy("o2", at=later), refund("o1", "5.00", "r1", at=later)])
+    assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")
 
 
 def test_no_satisfaction_follow_up_for_a_returned_order_or_during_a_complaint():

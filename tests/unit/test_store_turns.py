@@ -171,14 +171,12 @@ class _Collection:
         self.docs = {d["_id"]: d for d in docs}
 
     async def bulk_write(self, ops, ordered):
+        from types import SimpleNamespace
+
         for op in ops:
             if hasattr(op, "_doc"):
                 self.docs[op._filter["_id"]] = op._doc
-
-    async def update_many(self, query, update):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(modified_count=len(query["_id"]["$in"]))
+        return SimpleNamespace(modified_count=len(ops))
 
     def find(self, query, projection=None):
         wanted = set(query["_id"]["$in"])
