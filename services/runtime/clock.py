@@ -130,6 +130,15 @@ class EventClock:
         seen = self._newest.get(source)
         return (seen[0] if seen else None), self._watermarks.get(source)
 
+    def snapshot(self) -> tuple:
+        """What `restore` puts back: the time and what each source told, before a batch."""
+        return self._now, dict(self._newest), dict(self._watermarks)
+
+    def restore(self, snapshot: tuple) -> None:
+        """Back to a `snapshot` after the batch that followed it failed (it is delivered again)."""
+        self._now, newest, marks = snapshot
+        self._newest, self._watermarks = dict(newest), dict(marks)
+
     def forget_sources(self) -> None:
         """After a rebalance: partitions no longer owned must not hold the watermark back, and time
         starts again from what the partitions now owned tell (their clock marks, then their events).

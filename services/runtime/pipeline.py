@@ -129,8 +129,21 @@ class Pipeline:
 
     async def handle(self, records: Sequence[Record]) -> BatchResult:
         """Process one batch. The caller holds `self.lock`."""
-        started = time.perf_counter()
         await self.seed_clock()
+        # A batch that fails is delivered again; time must not stay where its records took it,
+        # or the redelivered events would find the clock past them and skip their wait (the
+        # order of topics would decide again) and unread partitions would look caught up.
+        saved = (getattr(self.clock, "snapshot", lambda: None)(), dict(self.last_offsets))
+        try:
+            return await self._handle(records)
+        except BaseException:
+            if saved[0] is not None:
+                self.clock.restore(saved[0])  # type: ignore[attr-defined]
+            self.last_offsets = saved[1]
+            raise
+
+    async def _handle(self, records: Sequence[Record]) -> BatchResult:
+        started = time.perf_counter()
         if self.before_batch is not None:
             await self.before_batch()
         result = BatchResult(consumed=len(records))

@@ -489,3 +489,41 @@ async def test_a_tick_that_fails_stays_due_for_the_next_sweep():
     # Back on the schedule, not forgotten; a little later, or the sweep would take it again at once.
     assert store.schedule.due["c1"] == due + pipeline_module.TICK_RETRY
     assert store.schedule.pop_due(due, 10) == []
+
+
+async def test_a_batch_that_fails_leaves_the_event_clock_where_it_was():
+    from pymongo.errors import AutoReconnect
+
+    from contracts import registry_for, topics
+    from services.bench import _purchase
+    from services.loyalty.domain import LoyaltyDomain
+    from services.loyalty.settings import LoyaltySettings
+    from services.runtime.clock import EventClock
+    from services.runtime.pipeline import Pipeline
+    from services.runtime.records import Record
+    from services.runtime.statestore import StateStore
+
+    class Down(_Collection):
+        async def bulk_write(self, ops, ordered):
+            raise AutoReconnect("store down")
+
+    t0 = datetime(1997, 3, 1, tzinfo=UTC)
+    clock = EventClock(start=t0)
+    topic = topics.SHOP_PURCHASES
+    clock.observe(t0, (topic, 0))
+    store = StateStore(Down())
+    store.complete = True
+    pipeline = Pipeline(service="loyalty", domain=LoyaltyDomain(LoyaltySettings().rules()),
+                        registry=registry_for(topic), store=store, publisher=_Publisher(), clock=clock,
+                        retry_attempts=1, retry_base_delay_s=0)  # fmt: skip
+    later = _purchase("c1", t0 + timedelta(days=30), "o1", "100.00")
+    before = clock.now()
+    try:
+        await pipeline.handle([Record(topic, 0, 7, later.key(), later.to_bytes())])
+    except AutoReconnect:
+        pass
+    else:
+        raise AssertionError("the write should have failed")
+    # Delivered again later: it must find the clock where it was, not 30 days on.
+    assert clock.now() == before == t0 and clock.position((topic, 0))[0] == t0
+    assert pipeline.last_offsets == {}
