@@ -207,7 +207,8 @@ def _digest(value: str) -> str:
 
 def _order_key(st: dict[str, Any], order_id: str) -> str:
     """How an order (or refund) id is kept: as it is, or only as a digest once the customer was erased."""
-    return _digest(order_id) if st.get("ids_digested") else order_id
+    # `erased_at` too: a customer erased before `ids_digested` existed has no flag.
+    return _digest(order_id) if st.get("ids_digested") or st.get("erased_at") else order_id
 
 
 # -- the domain ----------------------------------------------------------------
@@ -294,6 +295,7 @@ class ProfileDomain:
         if erased is not None:
             st["erased_at"] = None
             st["details_at"] = {}
+            st["ids_digested"] = True  # the orders kept from before are digests
         # Field by field, unless a newer event already set it (a registration resent after an update).
         fresh = _newer_fields(st, ev.occurred_at, (*CONTACT_FIELDS, *PROFILE_FIELDS))
         values = {"name": d.name, "email": d.email, "phone": d.phone,
@@ -454,7 +456,7 @@ class ProfileDomain:
         st["recent"] = []
         # Order and refund ids go; their digests stay, so a resent order is still counted once
         # (and stay digests for good: after a new registration too). Digested once only.
-        if not st.get("ids_digested"):
+        if not (st.get("ids_digested") or st.get("erased_at")):  # erased before the flag existed
             st["orders"] = {
                 _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
             }

@@ -63,6 +63,7 @@ class EventClock:
         self._expected: set[object] = set()
         self._steady: dict[object, bool] | None = None
         self._watermarks: dict[object, datetime] = {}
+        self._generation = 0  # bumped by `forget_sources`: a snapshot from before does not restore
 
     def expect_sources(self, sources: set[object]) -> None:
         self._expected = set(sources)
@@ -132,12 +133,15 @@ class EventClock:
 
     def snapshot(self) -> tuple:
         """What `restore` puts back: the time and what each source told, before a batch."""
-        return self._now, dict(self._newest), dict(self._watermarks)
+        return self._generation, self._now, dict(self._newest), dict(self._watermarks)
 
     def restore(self, snapshot: tuple) -> None:
-        """Back to a `snapshot` after the batch that followed it failed (it is delivered again)."""
-        self._now, newest, marks = snapshot
-        self._newest, self._watermarks = dict(newest), dict(marks)
+        """Back to a `snapshot` after the batch that followed it failed (it is delivered again);
+        not across a rebalance (`forget_sources` since), which must not get its old sources back."""
+        generation, now, newest, marks = snapshot
+        if generation != self._generation:
+            return
+        self._now, self._newest, self._watermarks = now, dict(newest), dict(marks)
 
     def forget_sources(self) -> None:
         """After a rebalance: partitions no longer owned must not hold the watermark back, and time
@@ -151,6 +155,7 @@ class EventClock:
         self._watermarks.clear()
         self._expected.clear()
         self._now = self._start
+        self._generation += 1
 
 
 def steady(clock: Clock):

@@ -456,8 +456,8 @@ class StateStore:
         dirty = []
         for doc in docs:
             if doc.dirty:
-                ops.append(ReplaceOne({"_id": doc.customer_id, "rev": doc.rev}, doc.to_doc(self.codec, doc.rev + 1),
-                                      upsert=True))  # fmt: skip
+                ops.append(ReplaceOne({"_id": doc.customer_id, "rev": _stored_rev(doc)},
+                                      doc.to_doc(self.codec, doc.rev + 1), upsert=True))  # fmt: skip
                 dirty.append(doc)
         if not ops:
             return 0
@@ -533,13 +533,19 @@ class StateStore:
         if not docs:
             return 0
         # Fenced like `save`: an owner that lost the document must not empty the new owner's outbox.
-        ops = [UpdateOne({"_id": d.customer_id, "rev": d.rev}, {"$set": {"outbox": []}}) for d in docs]
+        ops = [UpdateOne({"_id": d.customer_id, "rev": _stored_rev(d)}, {"$set": {"outbox": []}}) for d in docs]
         async with self.turns.turn():
             res = await self.collection.bulk_write(ops, ordered=False)
         for d in docs:
             d.outbox = d.pending()
             d.published.clear()
         return res.modified_count
+
+
+def _stored_rev(doc: CustomerDoc) -> int | None:
+    """The fence's filter value: the revision read, or None (matches a missing field) for 0: a new
+    customer, or a document stored before revisions were written."""
+    return doc.rev or None
 
 
 async def with_backoff(op, *, attempts: int, base_delay: float, what: str, transient=TRANSIENT_STORE_ERRORS):

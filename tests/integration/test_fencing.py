@@ -46,6 +46,12 @@ async def test_a_stale_owner_s_write_fails_and_leaves_the_new_owner_s_document(c
         await StateStore(collection).save([a])
         with pytest.raises(BulkWriteError):
             await StateStore(collection).save([b])
+        # A document stored before revisions were written (no `rev`): replaced, not refused.
+        await collection.insert_one({"_id": "c3", "s": {"points": 3}, "seen": [], "outbox": [], "due": None})
+        legacy = (await StateStore(collection).load(["c3"]))["c3"]
+        legacy.state, legacy.dirty = {"points": 4}, True
+        await StateStore(collection).save([legacy])
+        assert (await collection.find_one({"_id": "c3"}))["rev"] == 1
     finally:
         await client.drop_database(f"{common.db_prefix}{namespace}_fencing")
         await client.close()

@@ -391,6 +391,23 @@ def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count
     assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")
 
 
+def test_a_customer_erased_before_ids_were_flagged_keeps_counting_orders_once():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(), buy("o1")])
+    erase = _ev(
+        CustomerErasureRequested, CustomerErasureRequestedData(request_id="q1", reason="asked"), T0 + timedelta(days=1)
+    )
+    state, _ = d.apply(state, erase, erase.occurred_at)
+    legacy = {k: v for k, v in state.items() if k != "ids_digested"}  # as stored by an earlier version
+    later = T0 + timedelta(days=2)
+    again = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q2", reason="asked"), later)
+    for st0 in (legacy, state):
+        st, _ = more(d, st0, [again, buy("o1", at=T0)])
+        assert st["purchases"]["orders"] == 1
+        st, _ = more(d, st, [reg(at=T0 + timedelta(days=5)), buy("o1", at=T0)])
+        assert st["purchases"]["orders"] == 1 and "'o1'" not in repr(st["orders"])
+
+
 def test_no_satisfaction_follow_up_for_a_returned_order_or_during_a_complaint():
     d = ProfileDomain()
     state, _ = run(d, [reg(), buy("o1"), refund("o1", "30.00", "r1", at=T0 + timedelta(days=1))])
