@@ -129,10 +129,6 @@ def _newest_day(st: dict[str, Any], day: date) -> date:
     return max(day, date.fromisoformat(newest))
 
 
-def _ts(value: str) -> datetime:
-    return datetime.fromisoformat(value)
-
-
 def _not_before_last(st: dict[str, Any], when: datetime) -> datetime:
     """`when`, or the start of the day of the last assessment if that is later: an event read after
     the sweep had moved the band on is assessed there, not on its own day, which would move the
@@ -239,9 +235,9 @@ class ChurnDomain:
             st["first"] = key
         derived: list[Event] = []
         ladder = st["ladder"]
+        since = datetime.fromisoformat(ladder["at_risk_since"]) if ladder["step"] > 0 else None
         # A purchase from before the customer was at risk (read late) is no win-back.
-        if ladder["step"] > 0 and not st["erased"] and event.occurred_at >= _ts(ladder["at_risk_since"]):
-            since = datetime.fromisoformat(ladder["at_risk_since"])
+        if since is not None and not st["erased"] and event.occurred_at >= since:
             derived.append(
                 derive(
                     CustomerWonBack,

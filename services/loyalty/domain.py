@@ -345,13 +345,14 @@ class LoyaltyDomain:
             back = max(int(due.to_integral_value(rounding=ROUND_HALF_UP)) - order["reversed"], 0)
             order["reversed"] += back
             credit = extra - back
-            expires = add_months(_day(datetime.fromisoformat(order["at"])), self.rules.expiry_months)
             if credit <= 0:
                 continue
+            bought = _day(datetime.fromisoformat(order["at"]))
+            expires = add_months(bought, self.rules.expiry_months)
             if _day(ev.occurred_at) >= expires:
                 order["expired"] += credit  # they would have expired with the order's lot
                 continue
-            self._add_spend(st, _day(datetime.fromisoformat(order["at"])), Decimal(0), order["currency"], credit)
+            self._add_spend(st, bought, Decimal(0), order["currency"], credit)
             reason = f"birthday month x {mult} (registration read after the purchase)"
             lot = next((x for x in st["lots"] if x["id"] == order["lot"]), None)
             if lot is None or st["debt"]:
@@ -384,7 +385,7 @@ class LoyaltyDomain:
         r, d = self.rules, ev.data
         rate = r.points_per_unit.get(d.currency)
         if rate is None:
-            raise LedgerRejection(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
+            raise _unrated(d.currency)
         day = _day(ev.occurred_at)
         lines = [(ln.category, ln.unit_price * ln.quantity) for ln in d.lines]
         gross = sum((amount for _, amount in lines), Decimal(0))
@@ -434,9 +435,7 @@ class LoyaltyDomain:
     def _reverse(self, st, cid: str, order_id: str, refund: dict, out) -> None:
         order = _order(st, order_id)
         if refund["currency"] != order["currency"]:
-            raise LedgerRejection(
-                f"refund {refund['refund_id']} is in {refund['currency']}, order {order_id} in {order['currency']}"
-            )
+            raise _mismatch(refund["refund_id"], refund["currency"], order_id, order["currency"])
         total, before = Decimal(order["total"]), Decimal(order["refunded"])
         refunded = min(Decimal(refund["amount"]), max(total - before, Decimal(0)))  # never more than the order
         order["refunded"] = str(before + refunded)
@@ -601,9 +600,9 @@ class LoyaltyDomain:
         d = event.data
         order = st["orders"].get(d.order_id) if isinstance(event, PurchaseRefunded) else None
         if order is not None and order["currency"] != d.currency:
-            raise LedgerRejection(f"refund {d.refund_id} is in {d.currency}, order {d.order_id} in {order['currency']}")
+            raise _mismatch(d.refund_id, d.currency, d.order_id, order["currency"])
         if d.currency not in self.rules.points_per_unit:
-            raise LedgerRejection(f"no earning rule for currency {d.currency} (points_per_unit in the rules file)")
+            raise _unrated(d.currency)
 
     def _catch_up(self, st, customer_id: str, now: datetime, out) -> None:
         """Everything due up to `now`, each judged as of its own due time, however late we get to it."""
@@ -875,6 +874,14 @@ def _audit_entries(entries: list[dict[str, Any]], seq: int, running: int, what: 
         if e["balance"] != running:
             problems.append(f"{what}entry {i}: running balance {e['balance']}, sum of entries so far {running}")
     return problems
+
+
+def _unrated(currency: str) -> LedgerRejection:
+    return LedgerRejection(f"no earning rule for currency {currency} (points_per_unit in the rules file)")
+
+
+def _mismatch(refund_id: str, currency: str, order_id: str, order_currency: str) -> LedgerRejection:
+    return LedgerRejection(f"refund {refund_id} is in {currency}, order {order_id} in {order_currency}")
 
 
 def _reject(st, at: datetime, event_id: str, kind: str, reason: str) -> None:

@@ -205,10 +205,26 @@ def _digest(value: str) -> str:
     return "#" + hashlib.sha256(value.encode()).hexdigest()[:24]
 
 
+def _ids_digested(st: dict[str, Any]) -> bool:
+    # `erased_at` too: a customer erased before `ids_digested` existed has no flag.
+    return bool(st.get("ids_digested") or st.get("erased_at"))
+
+
 def _order_key(st: dict[str, Any], order_id: str) -> str:
     """How an order (or refund) id is kept: as it is, or only as a digest once the customer was erased."""
-    # `erased_at` too: a customer erased before `ids_digested` existed has no flag.
-    return _digest(order_id) if st.get("ids_digested") or st.get("erased_at") else order_id
+    return _digest(order_id) if _ids_digested(st) else order_id
+
+
+def _drop_followup(st: dict[str, Any]) -> None:
+    st["care"]["followup"] = None
+    st["due"].pop("followup", None)
+
+
+def _drop_purchase_followup(st: dict[str, Any], order_id: str | None = None) -> None:
+    """Cancel a pending purchase follow-up (about this order only, when one is given)."""
+    f = st["care"]["followup"]
+    if f is not None and f["reason"] == "purchase" and order_id in (None, f["ref"]):
+        _drop_followup(st)
 
 
 # -- the domain ----------------------------------------------------------------
@@ -401,11 +417,8 @@ class ProfileDomain:
             if was_open and Decimal(order["r"]) >= total:
                 of_order = st["spend"][order["c"]]
                 of_order["refunded_orders"] = of_order.get("refunded_orders", 0) + 1
-                f = st["care"]["followup"]
-                if f is not None and f["reason"] == "purchase" and f["ref"] == d.order_id:
-                    # No satisfaction survey about an order the customer returned.
-                    st["care"]["followup"] = None
-                    st["due"].pop("followup", None)
+                # No satisfaction survey about an order the customer returned.
+                _drop_purchase_followup(st, d.order_id)
         spend = st["spend"].setdefault(d.currency, _new_spend())
         spend["refunded"] = str(Decimal(spend["refunded"]) + amount)
         self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id}: {amount} {d.currency}")
@@ -438,11 +451,8 @@ class ProfileDomain:
             st["complaints"]["total"] += 1
             if ticket not in st["complaints"]["open"] and not st.get("erased_at"):
                 st["complaints"]["open"].append(ticket)
-            f = st["care"]["followup"]
-            if f is not None and f["reason"] == "purchase":
-                # No "how did we do?" while a complaint is open: the ticket's resolution plans one.
-                st["care"]["followup"] = None
-                st["due"].pop("followup", None)
+            # No "how did we do?" while a complaint is open: the ticket's resolution plans one.
+            _drop_purchase_followup(st)
             if not st.get("erased_at"):
                 out.append(self._care(ev, "complaint_acknowledgement", "transactional", st, {"ticket_id": ticket}))
         self._remember(st, ev, f"{d.kind} via {d.channel}" + (f" (score {d.score})" if d.score else ""))
@@ -456,7 +466,7 @@ class ProfileDomain:
         st["recent"] = []
         # Order and refund ids go; their digests stay, so a resent order is still counted once
         # (and stay digests for good: after a new registration too). Digested once only.
-        if not (st.get("ids_digested") or st.get("erased_at")):  # erased before the flag existed
+        if not _ids_digested(st):
             st["orders"] = {
                 _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
             }
@@ -520,8 +530,7 @@ class ProfileDomain:
         if f is None or _ts(f["due"]) > now:
             return
         due = _ts(f["due"])
-        st["care"]["followup"] = None
-        st["due"].pop("followup", None)
+        _drop_followup(st)
         st["care"]["last_followup"] = due.isoformat()
         if now - due > timedelta(days=self.rules.followup_expiry_days):
             return  # asking about a purchase weeks later does more harm than good

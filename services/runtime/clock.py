@@ -22,6 +22,10 @@ class Clock(Protocol):
 
     def watermark(self, when: datetime, source: object = None) -> None: ...
 
+    def snapshot(self) -> object: ...
+
+    def restore(self, snapshot: object) -> None: ...
+
 
 class WallClock:
     def now(self) -> datetime:
@@ -32,6 +36,13 @@ class WallClock:
 
     def watermark(self, when: datetime, source: object = None) -> None:
         """And watermarks."""
+
+    def snapshot(self) -> object:
+        """Nothing to put back: wall time is no batch's doing."""
+        return None
+
+    def restore(self, snapshot: object) -> None:
+        """See `snapshot`."""
 
 
 class EventClock:

@@ -133,13 +133,12 @@ class Pipeline:
         # A batch that fails is delivered again; time must not stay where its records took it,
         # or the redelivered events would find the clock past them and skip their wait (the
         # order of topics would decide again) and unread partitions would look caught up.
-        saved = (getattr(self.clock, "snapshot", lambda: None)(), dict(self.last_offsets))
+        clock, offsets = self.clock.snapshot(), dict(self.last_offsets)
         try:
             return await self._handle(records)
         except BaseException:
-            if saved[0] is not None:
-                self.clock.restore(saved[0])  # type: ignore[attr-defined]
-            self.last_offsets = saved[1]
+            self.clock.restore(clock)
+            self.last_offsets = offsets
             raise
 
     async def _handle(self, records: Sequence[Record]) -> BatchResult:

@@ -64,10 +64,16 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie child still answers kill(0); ask /proc so a crashed server is not taken for a live one.
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    return True
+    fields = _proc_stat(pid)
+    return fields is None or fields[0] != "Z"
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (field 3, the state, first), or None."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 @dataclass
@@ -87,10 +93,8 @@ class Server:
 
 def _started_at(pid: int) -> str | None:
     """The process's start time (clock ticks after boot, /proc/PID/stat field 22), or None."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _proc_stat(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def read_pid(path: Path) -> int | None:

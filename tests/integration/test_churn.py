@@ -26,26 +26,19 @@ async def _send(common, topic: str, events: list[dict]) -> None:
     )
 
 
-def _vip_profile(cid: str, at: datetime) -> dict:
-    ev = ProfileUpdated(
-        event_id=uuid.uuid4(),
-        occurred_at=at,
-        producer="profile",
-        customer_id=cid,
-        data=ProfileUpdatedData(value_tier="vip", top_categories=["jazz", "classical"]),
-    )
+def _crm_event(cls, producer: str, cid: str, at: datetime, data) -> dict:
+    ev = cls(event_id=uuid.uuid4(), occurred_at=at, producer=producer, customer_id=cid, data=data)
     return json.loads(ev.to_bytes())
+
+
+def _vip_profile(cid: str, at: datetime) -> dict:
+    return _crm_event(ProfileUpdated, "profile", cid, at,
+                      ProfileUpdatedData(value_tier="vip", top_categories=["jazz", "classical"]))  # fmt: skip
 
 
 def _gold_member(cid: str, at: datetime) -> dict:
-    ev = TierChanged(
-        event_id=uuid.uuid4(),
-        occurred_at=at,
-        producer="loyalty",
-        customer_id=cid,
-        data=TierChangedData(from_tier="Silver", to_tier="Gold", reason="upgrade"),
-    )
-    return json.loads(ev.to_bytes())
+    return _crm_event(TierChanged, "loyalty", cid, at,
+                      TierChangedData(from_tier="Silver", to_tier="Gold", reason="upgrade"))  # fmt: skip
 
 
 async def test_a_monthly_customer_who_stops_is_escalated_once_per_step_then_won_back(common):

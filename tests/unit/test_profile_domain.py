@@ -45,8 +45,8 @@ def refund(order="o1", amount="10.00", refund_id="r1", at=T0):
     )
 
 
-def run(domain, events, now=None):
-    state, out = None, []
+def run(domain, events, now=None, state=None):
+    out = []
     for e in events:
         state, derived = domain.apply(state, e, now or e.occurred_at)
         out.extend(derived)
@@ -336,15 +336,6 @@ def test_erasure_drops_personal_data_keeps_aggregates_and_is_announced():
     assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
 
 
-def more(domain, state, events):
-    """`run` from a given state."""
-    out = []
-    for e in events:
-        state, derived = domain.apply(state, e, e.occurred_at)
-        out.extend(derived)
-    return state, out
-
-
 def test_a_consent_or_registration_read_late_does_not_undo_a_newer_one():
     d = ProfileDomain()
     revoke = _ev(
@@ -373,7 +364,7 @@ def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count
     later = T0 + timedelta(days=2)
     events = [buy("o2", at=later), buy("o1", at=T0), refund("o1", "5.00", "r1", at=later),
               _ev(InteractionRecorded, complaint, later), reg(at=T0)]  # fmt: skip
-    state, out = more(d, state, events)
+    state, out = run(d, events, state=state)
     text = repr(state)
     for personal in ("o1", "o2", "r1", "T-ann-1", "ann@example.com", "Ann"):
         assert f"'{personal}'" not in text, personal
@@ -382,12 +373,12 @@ def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count
     assert [e.type for e in out if e.type in ("CareRequested", "ProfileUpdated")] == []
     # A second erasure request: still counted once.
     again = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q2", reason="asked"), later)
-    state, _ = more(d, state, [again, buy("o1", at=T0)])
+    state, _ = run(d, [again, buy("o1", at=T0)], state=state)
     assert state["purchases"]["orders"] == 2
     # A new registration, after the erasure, starts over; the old orders still count once.
     state, out = d.apply(state, reg(at=T0 + timedelta(days=5)), T0 + timedelta(days=5))
     assert state["erased_at"] is None and state["contact"]["email"] == "ann@example.com"
-    state, _ = more(d, state, [buy("o2", at=later), refund("o1", "5.00", "r1", at=later)])
+    state, _ = run(d, [buy("o2", at=later), refund("o1", "5.00", "r1", at=later)], state=state)
     assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")
 
 
@@ -402,9 +393,9 @@ def test_a_customer_erased_before_ids_were_flagged_keeps_counting_orders_once():
     later = T0 + timedelta(days=2)
     again = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q2", reason="asked"), later)
     for st0 in (legacy, state):
-        st, _ = more(d, st0, [again, buy("o1", at=T0)])
+        st, _ = run(d, [again, buy("o1", at=T0)], state=st0)
         assert st["purchases"]["orders"] == 1
-        st, _ = more(d, st, [reg(at=T0 + timedelta(days=5)), buy("o1", at=T0)])
+        st, _ = run(d, [reg(at=T0 + timedelta(days=5)), buy("o1", at=T0)], state=st)
         assert st["purchases"]["orders"] == 1 and "'o1'" not in repr(st["orders"])
 
 
@@ -416,7 +407,7 @@ def test_no_satisfaction_follow_up_for_a_returned_order_or_during_a_complaint():
     assert "satisfaction_follow_up" not in kinds(out)
     complaint = _ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1"),
                     T0 + timedelta(days=40, hours=1))  # fmt: skip
-    state, _ = more(d, state, [buy("o2", at=T0 + timedelta(days=40)), complaint])
+    state, _ = run(d, [buy("o2", at=T0 + timedelta(days=40)), complaint], state=state)
     _, out = d.tick(state, "c1", T0 + timedelta(days=44))
     assert "satisfaction_follow_up" not in kinds(out)
 
