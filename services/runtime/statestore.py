@@ -479,7 +479,9 @@ class StateStore:
                 )
             self.unwritten(dirty)
             raise
-        except (OperationFailure, *TRANSIENT_STORE_ERRORS):
+        except BaseException:
+            # Failed, or cancelled (a stopping service cancels its sweep) after the write may
+            # have landed: the cached copies' revision is unknown, so they are read again.
             self.unwritten(dirty)
             raise
         for doc in dirty:

@@ -539,3 +539,28 @@ def test_a_clock_snapshot_from_before_a_rebalance_is_not_restored():
     clock.restore(snap)
     assert clock.position(("shop.purchases", 0)) == (None, None)  # not brought back
     assert clock.position(("shop.purchases", 1))[0] == t0 + timedelta(days=30)
+
+
+async def test_a_write_cancelled_in_flight_leaves_no_cached_copy_behind():
+    """A stopping service cancels its sweep: the write may have landed (a new revision in the store),
+    so a cached copy with the old revision would make the next write fail the fence."""
+    import asyncio
+
+    from services.runtime.statestore import StateStore
+
+    class LandsThenCancelled(_Collection):
+        async def bulk_write(self, ops, ordered):
+            self.written.extend(ops)
+            raise asyncio.CancelledError
+
+    store = StateStore(LandsThenCancelled())
+    store.complete = True
+    doc = (await store.load(["c1"]))["c1"]
+    doc.state, doc.dirty = {"points": 5}, True
+    try:
+        await store.save([doc])
+    except asyncio.CancelledError:
+        pass
+    else:
+        raise AssertionError("the write should have been cancelled")
+    assert "c1" not in store.cache and not store.complete  # read from the store next time
