@@ -86,7 +86,9 @@ def new_state() -> dict[str, Any]:
         "downgrade": None,  # {"warned_at", "at", "to"} while a downgrade is pending
         "next_review": None,
         "purchases": 0,
-        "referral_rewarded": False,
+        "referral_rewarded": False,  # the referee's bonus
+        "handed_over": False,  # the referrer's reward (`_hand_over`)
+        "first_seen": None,  # the first purchase read, before it is applied
         "referees_rewarded": [],
         "first_purchase": None,
         "pending_refunds": {},
@@ -233,10 +235,13 @@ class LoyaltyDomain:
                 self._late_birthday(st, event, out)
             if st["tier"] is None:
                 self._join(st, event, out)
+            self._hand_over(st, event, out)
             if st.get("first_purchase") and not st["referral_rewarded"]:
                 self._referee_reward(st, event, out)  # the registration came after the first purchase
         elif isinstance(event, LEDGER_EVENTS):
             self._check(st, event)  # refused now, with the reason, rather than after waiting
+            if isinstance(event, PurchaseCompleted):
+                self._hand_over(st, event, out)
             if event.occurred_at > now:
                 # Under event time, a ledger event waits until the clock has passed it (every
                 # partition read that far): purchases and redemptions travel on different topics,
@@ -248,7 +253,13 @@ class LoyaltyDomain:
             self._release(st, event.customer_id, event.occurred_at, out)
             self._ledger_event(st, event, out)
         elif isinstance(event, ReferralQualified):
-            self._referrer_reward(st, event, out)
+            if event.occurred_at > now:
+                # Waits like a ledger event: whether the referrer's redemption is covered, and which
+                # lots it empties, must not depend on when the reward was read.
+                st["held"] = hold(st.get("held"), event)
+                return st, out
+            self._release(st, event.customer_id, event.occurred_at, out)
+            self._ledger_event(st, event, out)
         elif isinstance(event, CustomerErasureRequested):
             # The ledger is a financial record and stays (pseudonymous); personal data goes.
             st["profile"] = {"birthday": None, "timezone": "UTC", "referred_by": None}
@@ -265,7 +276,7 @@ class LoyaltyDomain:
             p["timezone"] = d.timezone
         # A referral counts only when stated before the first purchase (in event time: the two
         # come on different topics), and never by oneself.
-        first = st.get("first_purchase")
+        first = st.get("first_seen") or st.get("first_purchase")
         if (
             d.referred_by
             and d.referred_by != ev.customer_id
@@ -314,6 +325,7 @@ class LoyaltyDomain:
             }
             if self.rules.first_purchase_bonus:
                 self._earn(st, ev, self.rules.first_purchase_bonus, "first purchase bonus", d.order_id, out, "first")
+            self._hand_over(st, ev, out)  # done when it was read, unless it waited in an account stored before that
             self._referee_reward(st, ev, out)
         for pending in st["pending_refunds"].pop(d.order_id, []):
             # A refund that came before its purchase (another topic, or a purchase replayed from
@@ -491,22 +503,37 @@ class LoyaltyDomain:
             return
         st["referral_rewarded"] = True
         first = st["first_purchase"]
-        order_id = first["order_id"]
-        if first.get("event_id") and str(ev.event_id) != first["event_id"]:
-            # A registration read after the first purchase: the reward is the purchase's all the same
-            # (lot, expiry, event ids), as if the registration had come first.
-            ev = ev.model_copy(
-                update={"event_id": uuid.UUID(first["event_id"]), "occurred_at": datetime.fromisoformat(first["at"])}
-            )
         if self.rules.referee_bonus:
-            self._earn(st, ev, self.rules.referee_bonus, f"referral: welcome bonus (referred by {referrer})",
-                       order_id, out, "referee")  # fmt: skip
-        # The referrer's account is another customer's document: the reward travels as an event.
+            why = f"referral: welcome bonus (referred by {referrer})"
+            self._earn(st, _as_of(ev, first), self.rules.referee_bonus, why, first["order_id"], out, "referee")
+
+    def _hand_over(self, st, ev: Event, out) -> None:
+        """The referrer's reward, sent when the referee's first purchase is read, not when it is applied.
+
+        The referrer's account is another customer's document, so the reward travels as an event
+        (crm.referrals), and the referrer's ledger waits for it: the service writes a watermark
+        there after each batch, as of its clock over the shop topics (docs/loyalty.md, "Referrals").
+        That promise holds only if every purchase the clock has passed has been handed over, and a
+        purchase waits in `held` until the clock over all topics, crm.referrals too, passes it."""
+        if isinstance(ev, PurchaseCompleted) and not st.get("first_seen") and not st["first_purchase"]:
+            st["first_seen"] = {"at": ev.occurred_at.isoformat(), "order_id": ev.data.order_id,
+                                "event_id": str(ev.event_id)}  # fmt: skip
+        referrer = st["profile"]["referred_by"]
+        # Accounts from before the hand-over moved here handed over with the referee's bonus.
+        if not referrer or st.get("handed_over", st["referral_rewarded"]):
+            return
+        first = st.get("first_seen") or st["first_purchase"]
+        if not first:
+            return
+        st["handed_over"] = True
+        # A registration read after the first purchase: the reward is the purchase's all the same
+        # (time, event ids), as if the registration had come first.
+        ev = _as_of(ev, first)
         out.append(
             derive(
                 ReferralQualified,
                 ev,
-                ReferralQualifiedData(referee_id=ev.customer_id, order_id=order_id),
+                ReferralQualifiedData(referee_id=ev.customer_id, order_id=first["order_id"]),
                 producer=PRODUCER,
             ).model_copy(update={"customer_id": referrer})
         )
@@ -579,6 +606,8 @@ class LoyaltyDomain:
             self._purchase(st, event, out)
         elif isinstance(event, PurchaseRefunded):
             self._refund(st, event, out)
+        elif isinstance(event, ReferralQualified):
+            self._referrer_reward(st, event, out)
         else:
             self._redeem(st, event, out)
 
@@ -817,7 +846,8 @@ class LoyaltyDomain:
 
 LEDGER_EVENTS = (PurchaseCompleted, PurchaseRefunded, PointsRedemptionRequested)
 HANDLED = (*LEDGER_EVENTS, CustomerRegistered, CustomerUpdated, CustomerErasureRequested, ReferralQualified)
-LEDGER_BY_NAME = {cls.__name__: cls for cls in LEDGER_EVENTS}
+# What waits in `held` for the event clock: the ledger events and the referrers' rewards.
+LEDGER_BY_NAME = {cls.__name__: cls for cls in (*LEDGER_EVENTS, ReferralQualified)}
 
 
 def _fifo(lot: dict) -> tuple:
@@ -874,6 +904,15 @@ def _audit_entries(entries: list[dict[str, Any]], seq: int, running: int, what: 
         if e["balance"] != running:
             problems.append(f"{what}entry {i}: running balance {e['balance']}, sum of entries so far {running}")
     return problems
+
+
+def _as_of(ev: Event, first: dict) -> Event:
+    """`ev` as the first purchase `first` (its event id and time), when `ev` is not that purchase."""
+    if not first.get("event_id") or str(ev.event_id) == first["event_id"]:
+        return ev
+    return ev.model_copy(
+        update={"event_id": uuid.UUID(first["event_id"]), "occurred_at": datetime.fromisoformat(first["at"])}
+    )
 
 
 def _unrated(currency: str) -> LedgerRejection:

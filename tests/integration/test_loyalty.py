@@ -14,6 +14,7 @@ import pytest
 from pymongo import AsyncMongoClient
 from pymongo.errors import AutoReconnect
 
+from contracts import watermark as wm
 from services.loyalty.app import build
 from services.loyalty.audit import run_audit
 from services.loyalty.domain import LoyaltyDomain, audit
@@ -117,7 +118,9 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
             n.common.kafka_bootstrap, n.common.topic("crm.tiers"), expect=3, settle=1.0)]  # fmt: skip
         assert {e["type"] for e in tier_events} == {"TierChanged"}
         assert not any(e["type"] == "TierChanged" for e in events)  # a topic of their own (contracts/topics.py)
-        referrals = await read_topic(n.common.kafka_bootstrap, n.common.topic("crm.referrals"), expect=1, settle=1.0)
+        referrals = await read_topic(
+            n.common.kafka_bootstrap, n.common.topic("crm.referrals"), expect=1, settle=1.0, events_only=True
+        )
         (handed,) = [json.loads(r.value) for r in referrals]  # to the replica that owns the referrer
         assert (handed["type"], handed["customer_id"], handed["data"]["referee_id"]) == (
             "ReferralQualified",
@@ -125,6 +128,13 @@ async def test_earn_refund_redeem_and_a_referral_across_partitions(common):
             "ref-new",
         )
         assert not any(e["type"] == "ReferralQualified" for e in events)
+        # Beside it, the service's shard watermarks: every partition hears from every shard.
+        records = await read_topic(n.common.kafka_bootstrap, n.common.topic("crm.referrals"), expect=7, settle=1.0)
+        marks = [(r.partition, wm.parse(r.value)) for r in records if wm.is_watermark(r.headers)]
+        partitions = n.common.topic_partitions
+        assert {m.of for _, m in marks} == {partitions}
+        for p in range(partitions):
+            assert {k for q, m in marks if q == p for k in m.shards or ()} == set(range(partitions)), p
         types = sorted(
             (e["type"], e["customer_id"], e["data"].get("points"), e["data"].get("reason"))
             for e in events
@@ -327,6 +337,10 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
         assert tier_changes > 0
         referrals = await _count(n, "crm.referrals")
         assert referrals > 0
+        # Every referrer's reward came into its ledger in event-time order: no entry dated after it
+        # before it (before the hand-over's watermarks, hundreds were read after later entries).
+        late = await _late_rewards(n)
+        assert late == [], late[:5]
 
         # Again, the first 1,000 customers' part of it (all of it took another 90 s for the same
         # point: every event is recognised; nothing is earned, expired or published twice).
@@ -341,8 +355,25 @@ async def test_cdnow_master_replay_audits_clean_and_a_second_replay_changes_noth
     print(
         f"\nCDNOW master, {customers or 'all'} customers: {first.accounts} accounts, {first.entries} entries "
         f"({pages} ledger pages), {first.points_outstanding} points outstanding, {loyalty_events} ledger events, "
-        f"{tier_changes} tier changes, {referrals} referrals"
+        f"{tier_changes} tier changes, {referrals} referrals; state fingerprint {fingerprint[:16]}"
     )
+
+
+async def _late_rewards(n: Running) -> list[tuple[str, int]]:
+    """(referrer, entry seq) of each referrer's reward that follows an entry dated after it."""
+    referrers = {r.key.decode() for r in await read_topic(
+        n.common.kafka_bootstrap, n.common.topic("crm.referrals"), expect=1, settle=2.0, events_only=True)}  # fmt: skip
+    late = []
+    for cid in sorted(referrers):
+        state = await n.host.store.read(cid)
+        entries = [e async for page in n.host.db["ledger"].find({"c": cid}) for e in page["entries"]]
+        newest = datetime.min.replace(tzinfo=UTC)
+        for e in sorted([*entries, *state["entries"]], key=lambda e: e["seq"]):
+            at = datetime.fromisoformat(e["at"])
+            if e["kind"] == "earn" and e["reason"].endswith("made a first purchase") and at < newest:
+                late.append((cid, e["seq"]))
+            newest = max(newest, at)
+    return late
 
 
 async def _fingerprint(n: Running) -> str:
@@ -367,6 +398,14 @@ async def _count(n: Running, topic: str) -> int:
         parts = await assign_whole_topic(consumer, n.common.topic(topic))
         ends = await consumer.end_offsets(parts)
         starts = await consumer.beginning_offsets(parts)
-        return sum(ends[p] - starts[p] for p in parts)
+        if topic != "crm.referrals":
+            return sum(ends[p] - starts[p] for p in parts)
+        # Loyalty's watermarks are there too: count the hand-overs only.
+        await consumer.seek_to_beginning(*parts)
+        count = 0
+        while [p for p in parts if await consumer.position(p) < ends[p]]:
+            for msgs in (await consumer.getmany(timeout_ms=500)).values():
+                count += sum(1 for m in msgs if not wm.is_watermark(m.headers))
+        return count
     finally:
         await consumer.stop()

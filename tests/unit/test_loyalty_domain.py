@@ -762,3 +762,44 @@ def test_qualifying_points_go_down_with_refunds():
     assert state["tier"] == "Gold" and d.qualifying(state, T0.date()) == 400
     state, _ = run(d, [refund("o1", "400.00", "r1", at=T0 + timedelta(days=1))], state)
     assert d.qualifying(state, (T0 + timedelta(days=1)).date()) == 0
+
+
+def test_a_referral_is_handed_over_when_read_and_the_referrers_ledger_does_not_depend_on_when_it_came():
+    d = LoyaltyDomain(rules())
+    # The referee's first purchase is read while the clock is behind it: it waits, but the hand-over
+    # goes at once (the service's watermark on crm.referrals promises it is out).
+    state, _ = run(d, [register("new", referred_by="old")])
+    first = buy("o1", "10.00", cid="new", at=T0 + timedelta(days=1))
+    state, out = d.apply(state, first, T0)
+    (handed,) = [e for e in out if isinstance(e, ReferralQualified)]
+    assert state["held"] and not any(e.type == "PointsEarned" for e in out)
+    assert (handed.customer_id, handed.data.referee_id, handed.occurred_at) == ("old", "new", first.occurred_at)
+    state, out = d.tick(state, "new", first.occurred_at)  # released: the referee's bonus, no second hand-over
+    assert not any(isinstance(e, ReferralQualified) for e in out)
+    assert (100, "referral: welcome bonus (referred by old)") in [
+        (e.data.points, e.data.reason) for e in out if e.type == "PointsEarned"
+    ]
+
+    # The referrer bought before the reward's date and asks for 50 points after it. The reward waits
+    # like a ledger event: however late it is read, the ledger is the one of reading in time order.
+    own = buy("o7", "10.00", cid="old", at=T0 + timedelta(hours=12))
+    spend = redeem(50, "r1", at=T0 + timedelta(days=3), cid="old")
+    joined = register("old")
+    in_time, derived = run(d, [joined])
+    in_time, o = run(d, [own, handed, spend], in_time)
+    expected = ([e.event_id for e in derived + o], in_time["balance"], in_time["entries"])
+    assert [e["reason"][:9] for e in in_time["entries"]] == ["purchase:", "referral:", "reward vo"]
+    for order in ([own, handed, spend], [handed, spend, own], [spend, own, handed]):
+        referrer, derived = run(d, [joined])
+        for ev in order:
+            referrer, o = d.apply(referrer, ev, T0)  # the clock behind all three
+            derived += o
+        assert referrer["balance"] == 0 and len(referrer["held"]) == 3
+        referrer, o = d.tick(referrer, "old", spend.occurred_at)
+        derived += o
+        assert ([e.event_id for e in derived], referrer["balance"], referrer["entries"]) == expected
+    # An account stored before hand-overs moved to the read keeps its word: no second reward.
+    old = {**state, "first_seen": None}
+    del old["handed_over"]
+    _, out = d.apply(old, register("new", referred_by="old", at=T0 + timedelta(days=2)), T0)
+    assert not any(isinstance(e, ReferralQualified) for e in out)
