@@ -150,6 +150,9 @@ class ServiceHost:
         self._stop = asyncio.Event()
         self._warm_needed = False  # set by an assignment; the next batch or sweep fills the cache
         self.pipeline.before_batch = self._warm_cache
+        if self._relay_topics and not hasattr(spec.domain, "tick"):
+            # Only the sweep loop publishes crash leftovers, and relays wait for that.
+            raise ValueError("a service that relays watermarks needs a domain with `tick` (a sweep loop)")
         if self._relay_topics and hasattr(self.clock, "shard_watermark"):
             self.clock.shared_topics = self._relay_topics
             self.pipeline.after_publish = self._relay_watermarks
@@ -189,8 +192,15 @@ class ServiceHost:
         if self._relayed is not None and self._relayed[1] == shards and self._relayed[0] >= low:
             return  # nothing new (a batch of nothing but watermarks read back)
         of = len(consumer.partitions_for_topic(self._home_topic) or ())
+        if of == 0:
+            return  # no metadata for the home topic yet
         value = wm.encode(low, self.spec.name, shards, of)
-        await self.publisher.send_to_every_partition(sorted(self._relay_topics), value, wm.HEADERS)
+        await with_backoff(
+            lambda: self.publisher.send_to_every_partition(sorted(self._relay_topics), value, wm.HEADERS),
+            attempts=self.common.retry_attempts,
+            base_delay=self.common.retry_base_delay_s,
+            what="watermark relay",
+        )
         self._relayed = (low, shards)
 
     def _on_revoke(self) -> None:
@@ -282,11 +292,16 @@ class ServiceHost:
                         log.info("schedule rebuilt: %d customers owned", n)
                         if flushed := await self.pipeline.flush_outboxes(self.owns):
                             log.warning("published %d events a crash had left in stored outboxes", flushed)
-                        self._outboxes_flushed = True
+                        # Not for a newer assignment than the one whose leftovers were published.
+                        self._outboxes_flushed = self.assignment_epoch == epoch
                     if self.pipeline.after_publish is not None and not total:
                         # Time also moves between batches (a partition found caught up by an empty
                         # fetch), and the first batches after an assignment came before the flush.
-                        await self.pipeline.after_publish()
+                        try:
+                            await self.pipeline.after_publish()
+                        except Exception:
+                            # Nothing to rebuild for it (the schedule is sound): the next pass tries again.
+                            log.exception("watermark relay failed; retrying at the next sweep")
                     ids = store.schedule.pop_due(self.clock.now(), self.common.batch_max_records)
                     if not ids:
                         break

@@ -366,7 +366,8 @@ async def _late_rewards(n: Running) -> list[tuple[str, int]]:
     late = []
     for cid in sorted(referrers):
         state = await n.host.store.read(cid)
-        entries = [e async for page in n.host.db["ledger"].find({"c": cid}) for e in page["entries"]]
+        listed = {"_id": {"$in": state["archived"]["pages"]}}  # not a page no account lists
+        entries = [e async for page in n.host.db["ledger"].find(listed) for e in page["entries"]]
         newest = datetime.min.replace(tzinfo=UTC)
         for e in sorted([*entries, *state["entries"]], key=lambda e: e["seq"]):
             at = datetime.fromisoformat(e["at"])
