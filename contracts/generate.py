@@ -35,6 +35,14 @@ CONSUMERS = {
 }
 
 
+# Topics that also carry unkeyed watermark records under event time (contracts/watermark.py).
+WATERMARKED = {topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_REFERRALS}
+WATERMARKS = (
+    " In replays also unkeyed watermark records (header crm-watermark, a JSON value of"
+    " contracts/watermark.py, not an event): readers skip them."
+)
+
+
 def _topic_message(topic: str) -> type[RootModel]:
     models = EVENTS_BY_TOPIC[topic]
     union = models[0] if len(models) == 1 else Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
@@ -54,7 +62,8 @@ def asyncapi_document() -> dict:
             topic,
             schema=message,
             title=topic,
-            description=f"Key: customer_id. Events: {types}. Dead letters go to {topics.dlq(topic)}.",
+            description=f"Key: customer_id. Events: {types}. Dead letters go to {topics.dlq(topic)}."
+            + (WATERMARKS if topic in WATERMARKED else ""),
         )
     spec = AsyncAPI(
         broker,
