@@ -36,7 +36,7 @@ CONSUMERS = {
 
 
 # Topics that also carry unkeyed watermark records under event time (contracts/watermark.py).
-WATERMARKED = {topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS, topics.CRM_REFERRALS}
+WATERMARKED = {topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS}
 WATERMARKS = (
     " In replays also unkeyed watermark records (header crm-watermark, a JSON value of"
     " contracts/watermark.py, not an event): readers skip them."
