@@ -134,8 +134,6 @@ def build(
         consumes=CONSUMES,
         domain=domain,
         make_store=lambda db, _codec: LoyaltyStore(db, settings.ledger_page_entries),
-        # Not `relays_watermarks=(topics.CRM_REFERRALS,)`: with it, the clock stood still for minutes
-        # in `crm up --replay cdnow --speed 30` (docs/loyalty.md, "Referrals").
     )
     host = ServiceHost(
         spec, common, settings, clock=clock, routes=lambda h: routes(h, domain, settings.api_token.get_secret_value())

@@ -238,24 +238,17 @@ class LoyaltyDomain:
             self._hand_over(st, event, out)
             if st.get("first_purchase") and not st["referral_rewarded"]:
                 self._referee_reward(st, event, out)  # the registration came after the first purchase
-        elif isinstance(event, LEDGER_EVENTS):
+        elif isinstance(event, WAITING):
             self._check(st, event)  # refused now, with the reason, rather than after waiting
             if isinstance(event, PurchaseCompleted):
                 self._hand_over(st, event, out)
             if event.occurred_at > now:
-                # Under event time, a ledger event waits until the clock has passed it (every
-                # partition read that far): purchases and redemptions travel on different topics,
-                # and whether a redemption is covered, and which lots it empties, must not depend
-                # on which topic was read first (seen after a kill -9: a redemption read after the
-                # next months' purchases and expiry). Under the wall clock nothing waits.
-                st["held"] = hold(st.get("held"), event)
-                return st, out
-            self._release(st, event.customer_id, event.occurred_at, out)
-            self._ledger_event(st, event, out)
-        elif isinstance(event, ReferralQualified):
-            if event.occurred_at > now:
-                # Waits like a ledger event: whether the referrer's redemption is covered, and which
-                # lots it empties, must not depend on when the reward was read.
+                # Under event time, a ledger event (or a referrer's reward) waits until the clock
+                # has passed it (every partition read that far): purchases, redemptions and rewards
+                # travel on different topics, and whether a redemption is covered, and which lots
+                # it empties, must not depend on which topic was read first (seen after a kill -9:
+                # a redemption read after the next months' purchases and expiry). Under the wall
+                # clock nothing waits.
                 st["held"] = hold(st.get("held"), event)
                 return st, out
             self._release(st, event.customer_id, event.occurred_at, out)
@@ -511,10 +504,9 @@ class LoyaltyDomain:
         """The referrer's reward, sent when the referee's first purchase is read, not when it is applied.
 
         The referrer's account is another customer's document, so the reward travels as an event
-        (crm.referrals), and the referrer's ledger waits for it: the service writes a watermark
-        there after each batch, as of its clock over the shop topics (docs/loyalty.md, "Referrals").
-        That promise holds only if every purchase the clock has passed has been handed over, and a
-        purchase waits in `held` until the clock over all topics, crm.referrals too, passes it."""
+        (crm.referrals). A purchase waits in `held` until the event clock has passed it; sent only
+        then, the reward reached the referrer long after its later ledger events (docs/loyalty.md,
+        "Referrals")."""
         if isinstance(ev, PurchaseCompleted) and not st.get("first_seen") and not st["first_purchase"]:
             st["first_seen"] = {"at": ev.occurred_at.isoformat(), "order_id": ev.data.order_id,
                                 "event_id": str(ev.event_id)}  # fmt: skip
@@ -845,9 +837,10 @@ class LoyaltyDomain:
 
 
 LEDGER_EVENTS = (PurchaseCompleted, PurchaseRefunded, PointsRedemptionRequested)
-HANDLED = (*LEDGER_EVENTS, CustomerRegistered, CustomerUpdated, CustomerErasureRequested, ReferralQualified)
 # What waits in `held` for the event clock: the ledger events and the referrers' rewards.
-LEDGER_BY_NAME = {cls.__name__: cls for cls in (*LEDGER_EVENTS, ReferralQualified)}
+WAITING = (*LEDGER_EVENTS, ReferralQualified)
+HANDLED = (*WAITING, CustomerRegistered, CustomerUpdated, CustomerErasureRequested)
+LEDGER_BY_NAME = {cls.__name__: cls for cls in WAITING}
 
 
 def _fifo(lot: dict) -> tuple:

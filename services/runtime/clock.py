@@ -74,9 +74,6 @@ class EventClock:
         self._expected: set[object] = set()
         self._steady: dict[object, bool] | None = None
         self._watermarks: dict[object, datetime] = {}
-        # Topics written by several producers, each speaking for its shards (`shard_watermark`).
-        self.shared_topics: frozenset[str] = frozenset()
-        self._shards: dict[object, tuple[int, dict[int, datetime]]] = {}
         self._generation = 0  # bumped by `forget_sources`: a snapshot from before does not restore
 
     def expect_sources(self, sources: set[object]) -> None:
@@ -111,72 +108,23 @@ class EventClock:
         return seen >= cutoff
 
     def now(self) -> datetime:
-        low = self.low()
-        if low is not None and low > self._now:
-            self._now = low
-        return self._now
-
-    def low(self, ignoring: frozenset[str] | set[str] = frozenset()) -> datetime | None:
-        """The low watermark over the sources, leaving out the partitions of `ignoring` topics;
-        None while a source holds time where it is (see the class). `now` never goes back, this may."""
-        marks, shared = self._watermarks, self._is_shared
-        expected = [src for src in self._expected if _topic(src) not in ignoring]
+        marks = self._watermarks
         if self.caught_up is not None and any(
-            src not in self._newest and src not in marks and not shared(src) and not self._is_caught_up(src)
-            for src in expected
+            src not in self._newest and src not in marks and not self._is_caught_up(src) for src in self._expected
         ):
-            return None
-        behind: list[datetime] = []
-        cutoff = self._monotonic() - self.idle_s
-        for src, (t, seen) in self._newest.items():
-            if (
-                src not in marks
-                and not shared(src)
-                and _topic(src) not in ignoring
-                and self._holds_back(src, seen, cutoff)
-            ):
-                behind.append(t)
-        for src, w in marks.items():
-            if shared(src) or _topic(src) in ignoring:
-                continue
-            seen = self._newest.get(src)
-            behind.append(w if seen is None or seen[0] < w else seen[0])
-        for src in {s for s in (*expected, *self._shards, *marks) if shared(s) and _topic(s) not in ignoring}:
-            w = self._shared_low(src)
-            if w is None:
-                return None
-            behind.append(w)
-        if behind:
-            return min(behind)
-        seen = [t for src, (t, _) in self._newest.items() if not shared(src) and _topic(src) not in ignoring]
-        return max(seen) if seen else None
-
-    def _is_shared(self, source: object) -> bool:
-        return _topic(source) in self.shared_topics
-
-    def _shared_low(self, source: object) -> datetime | None:
-        """A shared partition's time: its lowest shard's watermark (None until every shard has
-        spoken). Its events do not count (they are in order per shard, not across shards), and a
-        mark from the store (`watermark` without a shard: the time when the last owner stopped)
-        stands for every shard."""
-        floor = self._watermarks.get(source)
-        of, shards = self._shards.get(source, (0, {}))
-        values = [shards.get(k) for k in range(of)]
-        if floor is not None:
-            values = [floor if v is None or v < floor else v for v in values] or [floor]
-        if not values or any(v is None for v in values):
-            return None
-        return min(values)  # type: ignore[type-var]
-
-    def shard_watermark(self, when: datetime, source: object, shard: int, of: int) -> None:
-        """A producer speaking for shard `shard` of `of` promises nothing older from that shard here on."""
-        known, shards = self._shards.get(source, (of, {}))
-        if known != of:
-            shards = {}  # the shards were counted anew (partitions added): start over
-        prev = shards.get(shard)
-        if prev is None or when > prev:
-            shards = {**shards, shard: when}
-        self._shards[source] = (of, shards)
+            return self._now
+        if self._newest or marks:
+            cutoff = self._monotonic() - self.idle_s
+            behind = [
+                t for src, (t, seen) in self._newest.items() if src not in marks and self._holds_back(src, seen, cutoff)
+            ]
+            for src, w in marks.items():
+                seen = self._newest.get(src)
+                behind.append(w if seen is None or seen[0] < w else seen[0])
+            low = min(behind) if behind else max(t for t, _ in self._newest.values())
+            if low > self._now:
+                self._now = low
+        return self._now
 
     def watermark(self, when: datetime, source: object = None) -> None:
         """The source's producer promises nothing older than `when` from here on."""
@@ -192,20 +140,19 @@ class EventClock:
     def position(self, source: object) -> tuple[datetime | None, datetime | None]:
         """(newest event time, watermark) read from the source, for its clock mark."""
         seen = self._newest.get(source)
-        mark = self._shared_low(source) if self._is_shared(source) else self._watermarks.get(source)
-        return (seen[0] if seen else None), mark
+        return (seen[0] if seen else None), self._watermarks.get(source)
 
     def snapshot(self) -> tuple:
         """What `restore` puts back: the time and what each source told, before a batch."""
-        return self._generation, self._now, dict(self._newest), dict(self._watermarks), dict(self._shards)
+        return self._generation, self._now, dict(self._newest), dict(self._watermarks)
 
     def restore(self, snapshot: tuple) -> None:
         """Back to a `snapshot` after the batch that followed it failed (it is delivered again);
         not across a rebalance (`forget_sources` since), which must not get its old sources back."""
-        generation, now, newest, marks, shards = snapshot
+        generation, now, newest, marks = snapshot
         if generation != self._generation:
             return
-        self._now, self._newest, self._watermarks, self._shards = now, dict(newest), dict(marks), dict(shards)
+        self._now, self._newest, self._watermarks = now, dict(newest), dict(marks)
 
     def forget_sources(self) -> None:
         """After a rebalance: partitions no longer owned must not hold the watermark back, and time
@@ -217,15 +164,9 @@ class EventClock:
         """
         self._newest.clear()
         self._watermarks.clear()
-        self._shards.clear()
         self._expected.clear()
         self._now = self._start
         self._generation += 1
-
-
-def _topic(source: object) -> object:
-    """The topic of a (topic, partition) source; other sources (tests, `observe` without one) have none."""
-    return source[0] if isinstance(source, tuple) and source else None
 
 
 def steady(clock: Clock):

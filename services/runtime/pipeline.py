@@ -118,9 +118,6 @@ class Pipeline:
         self.lock = asyncio.Lock()
         # Run at the start of every batch, under `lock` (the host warms its cache after an assignment).
         self.before_batch: Callable[[], Awaitable[None]] | None = None
-        # Run at the end of every batch, once its events are published, under `lock` (the host
-        # relays its event time to the topics it reads back: `ServiceSpec.relays_watermarks`).
-        self.after_publish: Callable[[], Awaitable[None]] | None = None
         self.last_offsets: dict[tuple[str, int], int] = {}  # newest offset handled per partition
         self._due = getattr(domain, "due", None)
         self._tick = getattr(domain, "tick", None)
@@ -152,21 +149,16 @@ class Pipeline:
         by_customer: dict[str, list[tuple[Event, Record]]] = defaultdict(list)
         newest: dict[tuple[str, int], datetime] = {}
         marks: dict[tuple[str, int], datetime] = {}
-        shard_marks: list[tuple[tuple[str, int], wm.Watermark]] = []
         for rec in records:
             src = (rec.topic, rec.partition)
             if rec.offset > self.last_offsets.get(src, -1):
                 self.last_offsets[src] = rec.offset
             if rec.headers and wm.is_watermark(rec.headers):
                 try:
-                    mark = wm.parse(rec.value)
+                    when = wm.decode(rec.value)
                 except InvalidMessage as exc:
                     result.dead_letters.append(DeadLetter(rec, exc.reason, self.service))
                     continue
-                if mark.of is not None:
-                    shard_marks.append((src, mark))
-                    continue
-                when = mark.watermark
                 if src not in marks or when > marks[src]:
                     marks[src] = when
                 continue
@@ -195,11 +187,6 @@ class Pipeline:
         # hold for everything after the batch: every event older than the clock is in hand.
         for src, when in marks.items():
             self.clock.watermark(when, src)
-        shard_watermark = getattr(self.clock, "shard_watermark", None)
-        if shard_watermark is not None:
-            for src, mark in shard_marks:
-                for shard in mark.shards or ():
-                    shard_watermark(mark.watermark, src, shard, mark.of)
         docs = await with_backoff(
             lambda: self.store.load(by_customer.keys()),
             attempts=self.retry_attempts,
@@ -241,9 +228,9 @@ class Pipeline:
             base_delay=self.retry_base_delay_s,
             what="store write",
         )
-        if self.clock_marks is not None and (newest or marks or shard_marks):
+        if self.clock_marks is not None and (newest or marks):
             store, position = self.clock_marks, self.clock.position  # type: ignore[attr-defined]
-            positions = {src: position(src) for src in newest.keys() | marks.keys() | {src for src, _ in shard_marks}}
+            positions = {src: position(src) for src in newest.keys() | marks.keys()}
             await with_backoff(lambda: store.save(positions), attempts=self.retry_attempts,
                                base_delay=self.retry_base_delay_s, what="clock marks write")  # fmt: skip
         if self.failpoint == "after_store_write" and result.docs_written:
@@ -260,8 +247,6 @@ class Pipeline:
                 base_delay=self.retry_base_delay_s,
                 what="outbox trim",
             )
-        if self.after_publish is not None:
-            await self.after_publish()
         if self.metrics is not None:
             self.metrics.observe_batch(self.service, result, records, time.perf_counter() - started)
         return result

@@ -9,7 +9,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from aiokafka import TopicPartition
 from aiokafka.partitioner import murmur2
@@ -19,7 +18,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from starlette.routing import BaseRoute
 
 from contracts import registry_for
-from contracts import watermark as wm
 from services.runtime import logs
 from services.runtime.broker import KafkaPublisher, consumer_lag, make_broker, subscribe_batches
 from services.runtime.clock import Clock, make_clock
@@ -50,10 +48,6 @@ class ServiceSpec:
     codec: Codec | None = None
     # Builds the state store from the service's database (a subclass adds collections of its own).
     make_store: Callable[[AsyncDatabase, Codec | None], StateStore] | None = None
-    # Consumed topics this service also writes (loyalty's crm.referrals): under event time, after
-    # every batch it writes there a watermark for the shop partitions it owns, its clock over its
-    # other topics, and its clock waits for every shard's (contracts/watermark.py).
-    relays_watermarks: Sequence[str] = ()
 
 
 Background = Callable[["ServiceHost"], Awaitable[None]]
@@ -97,11 +91,6 @@ class ServiceHost:
         self.broker = make_broker(common, spec.name, self.registry)
         physical = [common.topic(t) for t in spec.consumes]
         self._home_topic = physical[0]
-        self._relay_topics = frozenset(common.topic(t) for t in spec.relays_watermarks)
-        if not set(self._relay_topics) <= set(physical) or self._home_topic in self._relay_topics:
-            raise ValueError("a service relays watermarks only to topics it consumes, other than its first")
-        self._relayed: tuple[datetime, list[int]] | None = None  # the last relayed (time, shards)
-        self._outboxes_flushed = False  # since the last assignment (a crash's hand-overs go first)
         self.pipeline = Pipeline(
             service=spec.name,
             domain=spec.domain,
@@ -150,12 +139,6 @@ class ServiceHost:
         self._stop = asyncio.Event()
         self._warm_needed = False  # set by an assignment; the next batch or sweep fills the cache
         self.pipeline.before_batch = self._warm_cache
-        if self._relay_topics and not hasattr(spec.domain, "tick"):
-            # Only the sweep loop publishes crash leftovers, and relays wait for that.
-            raise ValueError("a service that relays watermarks needs a domain with `tick` (a sweep loop)")
-        if self._relay_topics and hasattr(self.clock, "shard_watermark"):
-            self.clock.shared_topics = self._relay_topics
-            self.pipeline.after_publish = self._relay_watermarks
 
     async def _refresh_lag(self) -> None:
         self._lag = await consumer_lag(self.subscriber)
@@ -180,29 +163,6 @@ class ServiceHost:
         position = _fetch_position(consumer, tp)
         return position is not None and position >= high
 
-    async def _relay_watermarks(self) -> None:
-        """Tell the relay topics how far this replica's shards have got: every event it has read from
-        them up to its clock over its other topics has been applied and its hand-overs published
-        (the caller, the pipeline, has just published them). Caller holds the pipeline lock."""
-        consumer = getattr(self.subscriber, "consumer", None)
-        shards = sorted(self.owned_partitions())
-        low = self.clock.low(ignoring=self._relay_topics)  # type: ignore[attr-defined]
-        if consumer is None or not shards or low is None or not self._outboxes_flushed:
-            return
-        if self._relayed is not None and self._relayed[1] == shards and self._relayed[0] >= low:
-            return  # nothing new (a batch of nothing but watermarks read back)
-        of = len(consumer.partitions_for_topic(self._home_topic) or ())
-        if of == 0:
-            return  # no metadata for the home topic yet
-        value = wm.encode(low, self.spec.name, shards, of)
-        await with_backoff(
-            lambda: self.publisher.send_to_every_partition(sorted(self._relay_topics), value, wm.HEADERS),
-            attempts=self.common.retry_attempts,
-            base_delay=self.common.retry_base_delay_s,
-            what="watermark relay",
-        )
-        self._relayed = (low, shards)
-
     def _on_revoke(self) -> None:
         self.assignment_epoch += 1
         self.store.drop_cache()
@@ -210,7 +170,6 @@ class ServiceHost:
     def _on_assign(self) -> None:
         self.store.schedule.stale = True
         self._warm_needed = True
-        self._relayed, self._outboxes_flushed = None, False
         forget = getattr(self.clock, "forget_sources", None)
         if forget is not None:
             forget()
@@ -292,16 +251,6 @@ class ServiceHost:
                         log.info("schedule rebuilt: %d customers owned", n)
                         if flushed := await self.pipeline.flush_outboxes(self.owns):
                             log.warning("published %d events a crash had left in stored outboxes", flushed)
-                        # Not for a newer assignment than the one whose leftovers were published.
-                        self._outboxes_flushed = self.assignment_epoch == epoch
-                    if self.pipeline.after_publish is not None and not total:
-                        # Time also moves between batches (a partition found caught up by an empty
-                        # fetch), and the first batches after an assignment came before the flush.
-                        try:
-                            await self.pipeline.after_publish()
-                        except Exception:
-                            # Nothing to rebuild for it (the schedule is sound): the next pass tries again.
-                            log.exception("watermark relay failed; retrying at the next sweep")
                     ids = store.schedule.pop_due(self.clock.now(), self.common.batch_max_records)
                     if not ids:
                         break

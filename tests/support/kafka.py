@@ -10,7 +10,6 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from contracts import watermark as wm
 from services.runtime.kafka import assign_whole_topic
 
 
@@ -53,12 +52,9 @@ async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None,
         await producer.stop()
 
 
-async def read_topic(
-    bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0, settle: float = 1.0, events_only: bool = False
-) -> list:
+async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 30.0, settle: float = 1.0) -> list:
     """Read a topic from the beginning until `expect` records arrived, then `settle` seconds more
-    so that an unexpected extra record (a duplicate) would be seen too. `events_only`: leave out
-    watermarks (contracts/watermark.py), which loyalty writes among its referral hand-overs."""
+    so that an unexpected extra record (a duplicate) would be seen too."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -76,7 +72,7 @@ async def read_topic(
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for msgs in batch.values():
-                out.extend(m for m in msgs if not (events_only and wm.is_watermark(m.headers)))
+                out.extend(msgs)
             if len(out) >= expect:
                 settle_until = settle_until or time.monotonic() + settle
                 if time.monotonic() >= settle_until:

@@ -7,7 +7,7 @@ import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
-from services.runtime.clock import EPOCH, EventClock
+from services.runtime.clock import EventClock
 from services.runtime.logs import JsonFormatter, customer_id_var, mask_text
 from services.runtime.records import DLQ_REASON, DeadLetter, Record, header
 from services.runtime.statestore import CustomerDoc, OutboxEntry, PlainCodec, Schedule
@@ -564,64 +564,3 @@ async def test_a_write_cancelled_in_flight_leaves_no_cached_copy_behind():
     else:
         raise AssertionError("the write should have been cancelled")
     assert "c1" not in store.cache and not store.complete  # read from the store next time
-
-
-def test_a_shared_partition_holds_time_at_its_slowest_shard_and_its_events_do_not_move_it():
-    day = lambda n: datetime(1997, 1, n, tzinfo=UTC)  # noqa: E731
-    clock = EventClock()
-    clock.caught_up = lambda src: True
-    clock.shared_topics = frozenset({"r"})
-    clock.expect_sources({("s", 0), ("s", 1), ("r", 0), ("r", 1)})
-    clock.watermark(day(10), ("s", 0))
-    clock.watermark(day(10), ("s", 1))
-    assert clock.low(ignoring={"r"}) == day(10)  # what the service relays
-    assert clock.now() == EPOCH  # no shard has spoken on r: held
-    clock.shard_watermark(day(5), ("r", 0), 0, 2)
-    clock.shard_watermark(day(5), ("r", 1), 0, 2)
-    clock.observe(day(9), ("r", 0))  # a hand-over: not in time order across shards, so no promise
-    assert clock.now() == EPOCH  # shard 1 of 2 has not spoken
-    for p in (0, 1):
-        clock.shard_watermark(day(7), ("r", p), 1, 2)
-    assert clock.now() == day(5)  # the slowest shard
-    for p in (0, 1):
-        clock.shard_watermark(day(8), ("r", p), 0, 2)
-        clock.shard_watermark(day(3), ("r", p), 1, 2)  # an older one changes nothing
-    assert clock.now() == day(7)
-    assert clock.position(("r", 0)) == (day(9), day(7))
-    # A new owner starts from the stored mark, which stands for every shard until each speaks again.
-    clock.forget_sources()
-    clock.shared_topics = frozenset({"r"})
-    clock.expect_sources({("s", 0), ("r", 0)})
-    clock.watermark(day(20), ("s", 0))
-    clock.watermark(day(7), ("r", 0))  # the mark
-    clock.observe(day(9), ("r", 0))
-    assert clock.now() == day(7)
-    clock.shard_watermark(day(12), ("r", 0), 1, 2)
-    assert clock.now() == day(7)  # shard 0 is still at the mark
-    clock.shard_watermark(day(11), ("r", 0), 0, 2)
-    assert clock.now() == day(11)
-    snap = clock.snapshot()
-    clock.shard_watermark(day(15), ("r", 0), 0, 2)
-    clock.shard_watermark(day(15), ("r", 0), 1, 2)
-    assert clock.now() == day(15)
-    clock.restore(snap)
-    assert clock.position(("r", 0))[1] == day(11)
-
-
-def test_a_shard_watermark_names_its_shards_below_their_count():
-    import pytest
-
-    from contracts import InvalidMessage
-    from contracts import watermark as wm
-
-    at = datetime(1997, 1, 1, tzinfo=UTC)
-    mark = wm.parse(wm.encode(at, "loyalty", [0, 2], 3))
-    assert (mark.watermark, mark.shards, mark.of) == (at, [0, 2], 3)
-    assert b"shards" not in wm.encode(at, "replay")  # a plain one stays as it was
-    for bad, why in (
-        (b'{"watermark": "1997-01-01T00:00:00Z", "producer": "x", "shards": [3], "of": 3}', "below of"),
-        (b'{"watermark": "1997-01-01T00:00:00Z", "producer": "x", "shards": [0]}', "come together"),
-        (b'{"watermark": "1997-01-01T00:00:00Z", "producer": "x", "shards": [-1], "of": 2}', "greater than or equal"),
-    ):
-        with pytest.raises(InvalidMessage, match=why):
-            wm.parse(bad)
