@@ -12,7 +12,7 @@ import hashlib
 import pickle
 import uuid
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -41,6 +41,7 @@ from contracts.shop import (
 )
 from services.profile import lifecycle, rfm
 from services.profile.moments import end_of_local_day, next_greeting
+from services.runtime.held import first_due, hold, take_ready
 
 PRODUCER = "profile"
 ZERO = Decimal(0)
@@ -240,15 +241,35 @@ class ProfileDomain:
     # The pipeline's entry points ------------------------------------------------
 
     def apply(self, state, event: Event, now: datetime):
-        handler = _HANDLERS.get(type(event))
-        if handler is None:
+        if type(event) not in _HANDLERS:
             return state, []  # e.g. redemption requests: loyalty's business
+        before = state or new_state()
+        if isinstance(event, WAITING) and event.occurred_at > now and not before.get("erased_at"):
+            # Under event time, purchases, refunds and interactions wait until the clock has passed
+            # them (every partition read that far), and `tick` applies them in event-time order:
+            # they travel on two topics, and a follow-up depends on their order (a complaint
+            # cancels the one a purchase before it planned, not one planned after it). Seen in a
+            # clean replay: a complaint read months late cancelled a later purchase's follow-up.
+            # Under the wall clock only an event dated in the future waits (until then). An erased
+            # customer's events do not: no care depends on their order, and no order id may wait.
+            return {**before, "held": hold(before.get("held"), _to_hold(event))}, []
+        if isinstance(event, CustomerErasureRequested) and before.get("held"):
+            # What waits is applied first, in order (as of its own time), and what is dated after
+            # the erasure right after it: no order id waits in the state of an erased customer.
+            until = event.occurred_at
+            st, out = self._release(before, event.customer_id, until, tick_to_until=False)
+            st, erased = self._apply(st, event, now)
+            st, later = self._release(st, event.customer_id, None, tick_to_until=False)
+            return st, [*out, *erased, *later]
+        return self._apply(before, event, now)
+
+    def _apply(self, before: dict[str, Any], event: Event, now: datetime):
+        handler = _HANDLERS[type(event)]
         # Judged as of the event's own time when the clock is past it: a batch's clock already
         # stands where its last watermark put it (up to a day on), and recency, stage and segment
         # must not depend on where a batch happened to end. Never before the last evaluation,
         # though: an event read late (after a sweep moved the stage on) would move it back, and
         # the next sweep forward again, each time with an event to every consumer.
-        before = state or new_state()
         now = _not_before_last(before, min(now, event.occurred_at))
         st = _clone(before)
         out: list[Event] = []
@@ -264,11 +285,33 @@ class ProfileDomain:
         st["as_of"] = now.isoformat()
         return st, out
 
-    # The runtime runs `tick` as of an event's time before applying it: a follow-up or greeting
-    # that fell due comes before the purchase that follows it, however late the sweep.
+    # The runtime runs `tick` as of an event's time (never past the clock) before applying it: a
+    # follow-up or greeting that fell due comes before the purchase that follows it, however late
+    # the sweep.
     CATCH_UP_BEFORE_EVENTS = True
 
     def tick(self, state: dict[str, Any], customer_id: str, now: datetime):
+        held = state.get("held")
+        if held and first_due(held) <= now:
+            return self._release(state, customer_id, now)
+        return self._tick(state, customer_id, now)
+
+    def _release(self, state: dict[str, Any], customer_id: str, until: datetime | None, *, tick_to_until=True):
+        """Apply the waiting events up to `until` (all if None) oldest first, each after what fell
+        due before it, as of its own time: the outcome is the events' order, not the reads'."""
+        st = {**state}
+        st["held"], ready = take_ready(state.get("held"), until or _END_OF_TIME, HELD_BY_NAME)
+        out: list[Event] = []
+        for event in ready:
+            st, due_before = self._tick(st, customer_id, event.occurred_at)
+            st, applied = self._apply(st, event, event.occurred_at)
+            out += due_before + applied
+        if tick_to_until and until is not None:
+            st, due_after = self._tick(st, customer_id, until)
+            out += due_after
+        return st, out
+
+    def _tick(self, state: dict[str, Any], customer_id: str, now: datetime):
         # Not a deep copy: a tick changes only `care` and `due` in place and replaces the scores,
         # tier and stage, so the rest (orders, history) is shared with the input. Most ticks
         # change nothing, and the deep copy of a long history was the sweep's largest cost.
@@ -294,6 +337,9 @@ class ProfileDomain:
         """The earliest of: follow-up, birthday greeting, and the next recency threshold (from the
         current breakpoints, so it is computed here rather than stored)."""
         times = [datetime.fromisoformat(v) for v in (state.get("due") or {}).values() if v]
+        held = first_due(state.get("held"))
+        if held is not None:
+            times.append(held)
         recency = self._recency_due(state)
         if recency is not None:
             times.append(recency)
@@ -661,6 +707,22 @@ class ProfileDomain:
             return None
         # A second past the threshold: the scores change only once the days exceed it.
         return last + timedelta(days=min(candidates), seconds=1)
+
+
+# What waits in `held` for the event clock (see `apply`). Registrations, updates and consent
+# do not: they carry personal data, which the state keeps only in the codec's encrypted fields,
+# and each field already keeps the newest statement by its time, whatever the order of reads.
+WAITING = (PurchaseCompleted, PurchaseRefunded, InteractionRecorded)
+HELD_BY_NAME = {cls.__name__: cls for cls in WAITING}
+_END_OF_TIME = datetime.max.replace(tzinfo=UTC)
+
+
+def _to_hold(event: Event) -> Event:
+    """The event as it waits: an interaction's free text (which may name people) is not used
+    here, so it is not stored."""
+    if isinstance(event, InteractionRecorded) and event.data.text is not None:
+        return event.model_copy(update={"data": event.data.model_copy(update={"text": None})})
+    return event
 
 
 _HANDLERS = {

@@ -63,5 +63,7 @@ def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules:
         "value_tier": state["value_tier"],
         "lifecycle_stage": state["stage"],
         "recent_events": list(reversed(state["recent"])),
+        # Read but not yet applied: they wait for the event clock (see ProfileDomain.apply).
+        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
         "as_of": now.isoformat(),
     }

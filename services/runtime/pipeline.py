@@ -345,7 +345,9 @@ class Pipeline:
         self.clock.observe(event.occurred_at, (rec.topic, rec.partition))
         token_e, token_c = event_id_var.set(eid), customer_id_var.set(event.customer_id)
         now = self.clock.now()
-        changed_at = now if self._catch_up and self._catch_up_until(doc, event.occurred_at, now) else None
+        # Not past the clock: what is due later may yet be changed by events not read so far.
+        when = min(event.occurred_at, now)
+        changed_at = now if self._catch_up and self._catch_up_until(doc, when, now) else None
         try:
             state, derived = self.domain.apply(doc.state, event, now)
         except Exception as exc:
@@ -367,7 +369,8 @@ class Pipeline:
         return changed_at
 
     def _catch_up_until(self, doc: CustomerDoc, when: datetime, now: datetime) -> bool:
-        """Run the time-driven work that fell due before this event, as of the event's time.
+        """Run the time-driven work that fell due before this event, as of the event's time (or
+        the clock's, if that is earlier).
 
         Otherwise its outcome would depend on whether a sweep got there before the event was read
         (a restart, a fast replay, a partition read ahead of another), not on the events.

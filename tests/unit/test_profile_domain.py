@@ -382,6 +382,40 @@ def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count
     assert state["purchases"]["orders"] == 2 and net_spend(state, "USD") == Decimal("55.00")
 
 
+def test_events_ahead_of_the_clock_wait_and_are_applied_in_event_time_order():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(at=T0 - timedelta(hours=1))])
+    clock = T0 - timedelta(minutes=1)  # the interactions partition holds the clock back
+    text = "Ann Lee, 555-0100, says the CD arrived damaged"
+    complaint = _ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1",
+                                                                 text=text), T0 + timedelta(days=1))  # fmt: skip
+    state, out = d.apply(state, buy("o1"), clock)
+    assert out == [] and state["purchases"]["orders"] == 0 and d.due(state) == T0  # waits for the clock
+    state, _ = d.apply(state, complaint, clock)
+    assert "damaged" not in repr(state) and len(state["held"]) == 2  # the free text is not kept
+    # Once the clock has passed both, in their order: the thank-you, then the complaint cancels
+    # the follow-up the purchase planned.
+    state, out = d.tick(state, "c1", T0 + timedelta(days=5))
+    assert state["held"] == [] and state["purchases"]["orders"] == 1 and state["complaints"]["open"] == ["T1"]
+    assert kinds(out) == ["first_purchase_thanks", "complaint_acknowledgement"]
+    assert out[0].occurred_at == T0  # as of its own time, not the tick's
+
+
+def test_an_erasure_applies_what_waits_and_keeps_no_order_id_waiting():
+    d = ProfileDomain()
+    state, _ = run(d, [reg(at=T0 - timedelta(hours=1))])
+    clock = T0 - timedelta(minutes=1)
+    erase = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q1", reason="asked"),
+                T0 + timedelta(hours=1))  # fmt: skip
+    for event in (buy("o1"), buy("o2", at=T0 + timedelta(hours=2))):
+        state, _ = d.apply(state, event, clock)
+    state, out = d.apply(state, erase, clock)
+    assert state["held"] == [] and state["purchases"]["orders"] == 2
+    assert "'o1'" not in repr(state) and "'o2'" not in repr(state)
+    # o1 came before the erasure (thanked); o2 after it (no care for an erased customer).
+    assert kinds(out) == ["first_purchase_thanks"] and "CustomerErased" in [e.type for e in out]
+
+
 def test_a_customer_erased_before_ids_were_flagged_keeps_counting_orders_once():
     d = ProfileDomain()
     state, _ = run(d, [reg(), buy("o1")])

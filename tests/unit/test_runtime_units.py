@@ -294,6 +294,71 @@ async def test_what_a_batch_makes_due_is_ticked_into_that_batch_s_write():
     assert result.docs_written == 2 and len(collection.written) == 2
 
 
+async def _profile_follow_ups(batches) -> list[tuple[str, str]]:
+    """Profile's satisfaction follow-ups (order, time) after these batches of records and the
+    sweeps that follow, under the event clock, as a live replay reads them."""
+    from contracts import registry_for, topics
+    from services.profile.domain import ProfileDomain
+    from services.runtime.pipeline import Pipeline
+    from services.runtime.statestore import StateStore
+
+    clock = EventClock(start=datetime(1997, 1, 1, tzinfo=UTC))
+    clock.caught_up = lambda source: False  # a live replay: every partition may still bring events
+    clock.expect_sources({(topics.SHOP_PURCHASES, 0), (topics.SHOP_INTERACTIONS, 0)})
+    store = StateStore(_Collection())
+    store.complete = True
+    store.schedule.stale = False
+    registries = {t: registry_for(t) for t in (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)}
+    pipeline = Pipeline(service="profile", domain=ProfileDomain(), registry=registries[topics.SHOP_PURCHASES],
+                        registries=registries, store=store, publisher=_Publisher(), clock=clock)  # fmt: skip
+    derived = []
+    for records in batches:
+        derived += (await pipeline.handle(records)).derived
+        while ids := store.schedule.pop_due(clock.now(), 100):
+            derived += (await pipeline.sweep(ids, clock.now())).derived
+    return sorted(
+        (e.data.template_data["ref"], e.occurred_at.isoformat())
+        for e in derived
+        if e.type == "CareRequested" and e.data.kind == "satisfaction_follow_up"
+    )
+
+
+async def test_profile_follow_ups_do_not_depend_on_which_topic_was_read_first():
+    """A complaint cancels the follow-up of a purchase before it, not of one after it, however
+    late it is read. Seen in a clean replay: the purchases partition was read months ahead of the
+    interactions one; the complaint, read last, cancelled the later purchase's follow-up."""
+    from contracts import topics
+    from contracts import watermark as wm
+    from contracts.shop import InteractionRecorded, InteractionRecordedData
+    from services.runtime.records import Record
+    from tests.support.events import buy, ev
+
+    t0 = datetime(1997, 1, 10, 12, tzinfo=UTC)
+    p1, p2 = buy("o1", at=t0), buy("o2", at=t0 + timedelta(days=40))
+    opened = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T1", text="Call Ann on 555-0100")
+    complaint = ev(InteractionRecorded, opened, t0 + timedelta(days=1))
+
+    def rec(event, offset):
+        return Record(event.TOPIC, 0, offset, event.key(), event.to_bytes())
+
+    def marks(when, offset):
+        value = wm.encode(when, "test")
+        shop = (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)
+        return [Record(t, 0, offset, None, value, wm.HEADERS) for t in shop]
+
+    end = t0 + timedelta(days=45)  # within the follow-up's 7 days of expiry
+    in_order = [
+        [*marks(t0, 0), rec(p1, 1)],
+        [*marks(complaint.occurred_at, 2), rec(complaint, 3)],
+        [*marks(p2.occurred_at, 3), rec(p2, 4)],
+        marks(end, 5),
+    ]
+    purchases_first = [[*marks(t0, 0), rec(p1, 1), rec(p2, 2)], [rec(complaint, 1)], marks(end, 3)]
+    expected = [("o2", (p2.occurred_at + timedelta(days=3)).isoformat())]  # o1's was cancelled
+    assert await _profile_follow_ups(in_order) == expected
+    assert await _profile_follow_ups(purchases_first) == expected
+
+
 def test_a_document_takes_a_domain_result_only_when_something_changed():
     from services.bench import _survey
 
