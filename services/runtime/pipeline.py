@@ -347,7 +347,7 @@ class Pipeline:
         now = self.clock.now()
         # Not past the clock: what is due later may yet be changed by events not read so far.
         when = min(event.occurred_at, now)
-        changed_at = now if self._catch_up and self._catch_up_until(doc, when, now) else None
+        changed_at = now if self._catch_up and self._catch_up_until(doc, when, now, result) else None
         try:
             state, derived = self.domain.apply(doc.state, event, now)
         except Exception as exc:
@@ -368,7 +368,7 @@ class Pipeline:
         result.applied += 1
         return changed_at
 
-    def _catch_up_until(self, doc: CustomerDoc, when: datetime, now: datetime) -> bool:
+    def _catch_up_until(self, doc: CustomerDoc, when: datetime, now: datetime, result: BatchResult) -> bool:
         """Run the time-driven work that fell due before this event, as of the event's time (or
         the clock's, if that is earlier).
 
@@ -385,6 +385,7 @@ class Pipeline:
         except Exception:
             log.exception("tick before an event failed; the sweep retries it")
             return False
+        result.derived.extend(derived)
         return doc.take(state, derived)
 
     async def publish(self, docs, dead_letters: list[DeadLetter]) -> int:
