@@ -41,7 +41,7 @@ from contracts.shop import (
 )
 from services.profile import lifecycle, rfm
 from services.profile.moments import end_of_local_day, next_greeting
-from services.runtime.held import first_due, hold, take_ready
+from services.runtime.held import first_due, hold
 
 PRODUCER = "profile"
 ZERO = Decimal(0)
@@ -244,24 +244,24 @@ class ProfileDomain:
         if type(event) not in _HANDLERS:
             return state, []  # e.g. redemption requests: loyalty's business
         before = state or new_state()
-        if isinstance(event, WAITING) and event.occurred_at > now and not before.get("erased_at"):
-            # Under event time, purchases, refunds and interactions wait until the clock has passed
-            # them (every partition read that far), and `tick` applies them in event-time order:
-            # they travel on two topics, and a follow-up depends on their order (a complaint
-            # cancels the one a purchase before it planned, not one planned after it). Seen in a
-            # clean replay: a complaint read months late cancelled a later purchase's follow-up.
-            # Under the wall clock only an event dated in the future waits (until then). An erased
-            # customer's events do not: no care depends on their order, and no order id may wait.
+        if isinstance(event, WAITING) and event.occurred_at > now:
+            # Under event time, purchases, refunds, interactions and erasures wait until the clock
+            # has passed them (every partition read that far), and `tick` applies them in
+            # event-time order: they travel on two topics, and a follow-up depends on their order
+            # (a complaint cancels the one a purchase before it planned, not one planned after
+            # it). The fault test's clean run varied so until they waited: a complaint read after a
+            # later purchase cancelled that purchase's follow-up. Under the wall clock only an
+            # event dated in the future waits (until then).
             return {**before, "held": hold(before.get("held"), _to_hold(event))}, []
-        if isinstance(event, CustomerErasureRequested) and before.get("held"):
-            # What waits is applied first, in order (as of its own time), and what is dated after
-            # the erasure right after it: no order id waits in the state of an erased customer.
-            until = event.occurred_at
-            st, out = self._release(before, event.customer_id, until, tick_to_until=False)
-            st, erased = self._apply(st, event, now)
-            st, later = self._release(st, event.customer_id, None, tick_to_until=False)
-            return st, [*out, *erased, *later]
-        return self._apply(before, event, now)
+        out: list[Event] = []
+        # What waits and is due by now comes first (the pipeline's catch-up has usually done it).
+        # A registration, update or consent change dated after a waiting erasure also brings the
+        # erasure (and what waits before it) forward, or the erasure would wipe it when applied.
+        until = max(min(event.occurred_at, now), _erasure_before(before.get("held"), event.occurred_at))
+        if (first_due(before.get("held")) or _END_OF_TIME) <= until:
+            before, out = self._release(before, event.customer_id, until, tick_to_until=False)
+        st, applied = self._apply(before, event, now)
+        return st, [*out, *applied]
 
     def _apply(self, before: dict[str, Any], event: Event, now: datetime):
         handler = _HANDLERS[type(event)]
@@ -296,17 +296,34 @@ class ProfileDomain:
             return self._release(state, customer_id, now)
         return self._tick(state, customer_id, now)
 
-    def _release(self, state: dict[str, Any], customer_id: str, until: datetime | None, *, tick_to_until=True):
-        """Apply the waiting events up to `until` (all if None) oldest first, each after what fell
-        due before it, as of its own time: the outcome is the events' order, not the reads'."""
-        st = {**state}
-        st["held"], ready = take_ready(state.get("held"), until or _END_OF_TIME, HELD_BY_NAME)
+    def _release(self, state: dict[str, Any], customer_id: str, until: datetime, *, tick_to_until=True):
+        """Apply the waiting events up to `until`, oldest first, each after the time-driven work
+        due before it and as of its own time."""
+        held = state.get("held") or []
+        n = 0
+        while n < len(held) and datetime.fromisoformat(held[n][0]) <= until:
+            n += 1
+        st = {**state, "held": held[n:]}
         out: list[Event] = []
-        for event in ready:
-            st, due_before = self._tick(st, customer_id, event.occurred_at)
-            st, applied = self._apply(st, event, event.occurred_at)
-            out += due_before + applied
-        if tick_to_until and until is not None:
+        for at, event_id, name, body in held[:n]:
+            try:
+                event = HELD_BY_NAME[name].model_validate_json(body)
+            except Exception as exc:  # a type or contract this version no longer reads
+                st = _unapplied(st, at, event_id, name, exc)
+                continue
+            due = self.due(st)
+            if due is not None and due <= event.occurred_at:
+                st, due_before = self._tick(st, customer_id, event.occurred_at)
+                out += due_before
+            try:
+                st, applied = self._apply(st, event, event.occurred_at)
+            except Exception as exc:
+                # Read, this event would have been dead-lettered; here it must not hold back every
+                # later one (and the customer's erasure) for good. `_apply` leaves `st` untouched.
+                st = _unapplied(st, at, event_id, name, exc)
+                continue
+            out += applied
+        if tick_to_until:
             st, due_after = self._tick(st, customer_id, until)
             out += due_after
         return st, out
@@ -710,11 +727,26 @@ class ProfileDomain:
 
 
 # What waits in `held` for the event clock (see `apply`). Registrations, updates and consent
-# do not: they carry personal data, which the state keeps only in the codec's encrypted fields,
-# and each field already keeps the newest statement by its time, whatever the order of reads.
-WAITING = (PurchaseCompleted, PurchaseRefunded, InteractionRecorded)
+# do not: they carry name, e-mail and phone, which the state keeps only encrypted (the codec),
+# and each of their fields keeps the newest statement by its time. They are applied when read.
+WAITING = (PurchaseCompleted, PurchaseRefunded, InteractionRecorded, CustomerErasureRequested)
 HELD_BY_NAME = {cls.__name__: cls for cls in WAITING}
 _END_OF_TIME = datetime.max.replace(tzinfo=UTC)
+_BEGINNING = datetime.min.replace(tzinfo=UTC)
+UNAPPLIED_KEPT = 20
+
+
+def _erasure_before(held: list | None, when: datetime) -> datetime:
+    """The time of the latest waiting erasure dated at or before `when` (the beginning if none)."""
+    times = [datetime.fromisoformat(at) for at, _id, name, _body in held or () if name == "CustomerErasureRequested"]
+    return max((t for t in times if t <= when), default=_BEGINNING)
+
+
+def _unapplied(st: dict[str, Any], at: str, event_id: str, name: str, exc: Exception) -> dict[str, Any]:
+    """Record a waiting event that could not be applied (the read API shows it), as a dead letter
+    records one that could not be read."""
+    entry = [at, event_id, name, f"{type(exc).__name__}: {exc}"[:500]]
+    return {**st, "unapplied": [*st.get("unapplied", []), entry][-UNAPPLIED_KEPT:]}
 
 
 def _to_hold(event: Event) -> Event:

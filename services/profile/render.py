@@ -52,6 +52,9 @@ def render_customer(view: dict[str, Any], console: Console | None = None) -> Non
         f"{len(view['complaints']['open'])} open complaint(s) of {view['complaints']['total']}; "
         f"survey last {survey['last'] or '-'}, mean {survey['mean'] or '-'} ({survey['count']})",
     )
+    for label, key in (("waiting for the clock", "waiting"), ("failed when applied", "unapplied")):
+        if view.get(key):
+            head.add_row(label, ", ".join(f"{e['type']} of {e['occurred_at'][:16]}" for e in view[key]))
     console.print(head)
     if view["recent_events"]:
         events = Table(title="last events", show_edge=False)

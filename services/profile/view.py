@@ -65,5 +65,9 @@ def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules:
         "recent_events": list(reversed(state["recent"])),
         # Read but not yet applied: they wait for the event clock (see ProfileDomain.apply).
         "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
+        "unapplied": [
+            {"occurred_at": at, "event_id": eid, "type": kind, "error": error}
+            for at, eid, kind, error in state.get("unapplied") or []
+        ],
         "as_of": now.isoformat(),
     }

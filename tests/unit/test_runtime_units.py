@@ -313,12 +313,14 @@ async def _profile_care(batches) -> list[tuple[str, str, str]]:
     registries = {t: registry_for(t) for t in (topics.SHOP_PURCHASES, topics.SHOP_INTERACTIONS)}
     pipeline = Pipeline(service="profile", domain=domain, registry=registries[topics.SHOP_PURCHASES],
                         registries=registries, store=store, publisher=_Publisher(), clock=clock)  # fmt: skip
-    publisher = pipeline.publisher
+    publisher, counted = pipeline.publisher, set()
     for records in batches:
-        await pipeline.handle(records)
+        results = [await pipeline.handle(records)]
         while ids := store.schedule.pop_due(clock.now(), 100):
-            await pipeline.sweep(ids, clock.now())
+            results.append(await pipeline.sweep(ids, clock.now()))
+        counted |= {str(e.event_id) for r in results for e in r.derived if e.type == "CareRequested"}
     published = {e["event_id"]: e for e in (json.loads(m[2]) for m in publisher.sent) if e["type"] == "CareRequested"}
+    assert counted == set(published)  # what the metrics count is what went out
     return sorted(
         (e["data"]["kind"], e["data"]["template_data"].get("ref") or e["customer_id"], _utc(e["occurred_at"]))
         for e in published.values()
