@@ -401,6 +401,16 @@ def test_events_ahead_of_the_clock_wait_and_are_applied_in_event_time_order():
     assert kinds(out) == ["first_purchase_thanks", "complaint_acknowledgement"]
 
 
+def test_a_new_customer_s_first_event_gives_the_same_events_whether_it_waited_or_not():
+    d = ProfileDomain()
+    purchase = buy("o1")
+    _, direct = d.apply(None, purchase, T0)
+    held, nothing = d.apply(None, purchase, T0 - timedelta(minutes=1))
+    _, released = d.tick(held, "c1", T0 + timedelta(hours=1))
+    assert nothing == [] and [e.event_id for e in released] == [e.event_id for e in direct]
+    assert all(e.causation_id == purchase.event_id for e in released)
+
+
 def test_an_erasure_waits_in_order_with_the_rest_whenever_it_is_read():
     d = ProfileDomain()
     registered, _ = run(d, [reg(at=T0 - timedelta(hours=1))])
