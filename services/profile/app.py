@@ -6,6 +6,7 @@ import logging
 import time
 from datetime import datetime, timedelta
 
+from prometheus_client import Counter
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -141,6 +142,27 @@ class SegmentMaintenance:
         log.info("RFM breakpoints version %d in use (%d customers)", bp.version, bp.customers)
 
 
+class UnappliedEvents:
+    """Logs and counts the waiting events that could not be applied (ProfileDomain keeps them in
+    the customer's `unapplied`): the operator's view of what a dead letter would have shown."""
+
+    def __init__(self) -> None:
+        self.counter: Counter | None = None
+
+    def register(self, registry) -> None:
+        self.counter = Counter(
+            "crm_profile_events_unapplied_total",
+            "Waiting shop events that could not be applied (see the customer's unapplied list)",
+            ["type"],
+            registry=registry,
+        )
+
+    def __call__(self, event_type: str, event_id: str, error: str) -> None:
+        log.error("waiting %s %s could not be applied and is skipped: %s", event_type, event_id, error)
+        if self.counter is not None:
+            self.counter.labels(event_type).inc()
+
+
 def build(
     common: CommonSettings | None = None, settings: ProfileSettings | None = None, clock: Clock | None = None
 ) -> ServiceHost:
@@ -149,7 +171,8 @@ def build(
     codec = ContactCodec(make_cipher(settings.encryption_keys.get_secret_value()))
     hasher = LookupHasher(settings.lookup_key.get_secret_value())
     rules = rules_from(settings)
-    domain = ProfileDomain(rules)
+    unapplied = UnappliedEvents()
+    domain = ProfileDomain(rules, on_unapplied=unapplied)
     spec = ServiceSpec(
         name="profile",
         consumes=CONSUMES,
@@ -164,6 +187,7 @@ def build(
         clock=clock,
         routes=lambda h: routes(h, h.store, rules, settings.api_token.get_secret_value()),
     )
+    unapplied.register(host.registry)
     host.background.append(SegmentMaintenance(host.store, domain, settings))  # type: ignore[arg-type]
     host.registry.register(
         TallyCollector(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import pickle
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -234,9 +235,17 @@ def _drop_purchase_followup(st: dict[str, Any], order_id: str | None = None) -> 
 class ProfileDomain:
     ERASING = (CustomerErasureRequested,)
 
-    def __init__(self, rules: ProfileRules | None = None, breakpoints: rfm.Breakpoints = rfm.BOOTSTRAP):
+    def __init__(
+        self,
+        rules: ProfileRules | None = None,
+        breakpoints: rfm.Breakpoints = rfm.BOOTSTRAP,
+        on_unapplied: Callable[[str, str, str], None] = lambda _type, _event_id, _error: None,
+    ):
         self.rules = rules or ProfileRules()
         self.breakpoints = breakpoints
+        # Told (type, event id, error) of a waiting event that could not be applied: the
+        # composition root logs and counts it, as the pipeline does with a dead letter.
+        self.on_unapplied = on_unapplied
 
     # The pipeline's entry points ------------------------------------------------
 
@@ -328,6 +337,7 @@ class ProfileDomain:
         except Exception as exc:  # a bug, or a type or contract this version no longer reads
             # The first line only: a validation error's later lines quote the event's values.
             error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            self.on_unapplied(name, event_id, error)
             unapplied = [*st.get("unapplied", []), [at, event_id, name, error]][-UNAPPLIED_KEPT:]
             return {**st, "unapplied": unapplied}, []
 

@@ -427,7 +427,8 @@ def test_an_erasure_does_not_wait_and_applies_what_waits_after_it_without_care()
 
 
 def test_a_waiting_event_that_cannot_be_applied_is_recorded_and_holds_nothing_back(monkeypatch):
-    d = ProfileDomain()
+    told = []
+    d = ProfileDomain(on_unapplied=lambda *what: told.append(what))
     state, _ = run(d, [reg(at=T0 - timedelta(hours=1))])
     clock = T0 - timedelta(minutes=1)
     bad = _ev(InteractionRecorded, InteractionRecordedData(kind="complaint", channel="web", ticket_id="BAD"), T0)
@@ -449,6 +450,8 @@ def test_a_waiting_event_that_cannot_be_applied_is_recorded_and_holds_nothing_ba
         ["LoyaltyCardScanned", "KeyError: 'LoyaltyCardScanned'"],
         ["InteractionRecorded", "ValueError: a bug for this event"],
     ]
+    assert told == [("LoyaltyCardScanned", "e-old", "KeyError: 'LoyaltyCardScanned'"),
+                    ("InteractionRecorded", str(bad.event_id), "ValueError: a bug for this event")]  # fmt: skip
     erase = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q1", reason="asked"),
                 T0 + timedelta(days=2))  # fmt: skip
     state, _ = d.apply(state, erase, erase.occurred_at)
@@ -548,3 +551,15 @@ def test_an_event_is_judged_at_its_own_time_when_the_clock_is_past_it():
     assert on_time[0] == late_clock[0]
     assert [(e.type, e.event_id) for e in on_time[1]] == [(e.type, e.event_id) for e in late_clock[1]]
     assert on_time[0]["stage"] != "declining"  # 180 days after the purchase: by the clock, not yet by the event
+
+
+def test_the_service_logs_and_counts_what_could_not_be_applied(caplog):
+    from prometheus_client import CollectorRegistry
+
+    from services.profile.app import UnappliedEvents
+
+    registry, unapplied = CollectorRegistry(), UnappliedEvents()
+    unapplied.register(registry)
+    unapplied("InteractionRecorded", "e1", "ValueError: a bug")
+    assert registry.get_sample_value("crm_profile_events_unapplied_total", {"type": "InteractionRecorded"}) == 1
+    assert "e1 could not be applied" in caplog.text
