@@ -19,7 +19,7 @@ from services.churn.bootstrap import bootstrap_model
 from services.churn.domain import ChurnDomain, history
 from services.churn.settings import ChurnSettings
 from services.churn.store import ChurnStore
-from services.runtime import versions
+from services.runtime import held, versions
 from services.runtime.clock import EPOCH, Clock
 from services.runtime.http import require_token
 from services.runtime.metrics import TallyCollector
@@ -43,7 +43,7 @@ def customer_view(cid: str, state: dict, domain: ChurnDomain, today: date) -> di
         "loyalty_tier": state.get("loyalty_tier"),
         "model_version": domain.model.version,
         # Events newer than the clock, applied in event-time order once it passes them (docs/churn.md).
-        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
+        "waiting": held.listing(state.get("held")),
     }
     if state.get("first"):
         s = domain.model.signals(history(state), today)

@@ -16,6 +16,7 @@ from services.loyalty.domain import LoyaltyDomain, next_seq
 from services.loyalty.rules import Rules
 from services.loyalty.settings import LoyaltySettings
 from services.loyalty.store import LoyaltyStore
+from services.runtime import held
 from services.runtime.clock import Clock
 from services.runtime.http import require_token
 from services.runtime.metrics import TallyCollector
@@ -52,7 +53,7 @@ def account_view(cid: str, state: dict, domain: LoyaltyDomain, today: date, rece
         "entries": recent,
         "entries_total": next_seq(state) - 1,
         # Ledger events the event clock has not reached (replays only): not in the balance yet.
-        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
+        "waiting": held.listing(state.get("held")),
         # Ledger events refused after they had been accepted (domain.LedgerRejection), the last 50.
         "rejected": [
             {"occurred_at": at, "event_id": eid, "type": kind, "reason": reason}

@@ -42,7 +42,7 @@ from contracts.shop import (
 )
 from services.profile import lifecycle, rfm
 from services.profile.moments import end_of_local_day, next_greeting
-from services.runtime.held import first_due, hold
+from services.runtime.held import first_due, hold, split_ready
 
 PRODUCER = "profile"
 ZERO = Decimal(0)
@@ -312,13 +312,10 @@ class ProfileDomain:
     def _release(self, state: dict[str, Any], customer_id: str, until: datetime):
         """Apply the waiting events up to `until`, oldest first, each after the time-driven work
         due before it and as of its own time."""
-        held = state.get("held") or []
-        n = 0
-        while n < len(held) and datetime.fromisoformat(held[n][0]) <= until:
-            n += 1
-        st = {**state, "held": held[n:]}
+        rest, ready = split_ready(state.get("held"), until)
+        st = {**state, "held": rest}
         out: list[Event] = []
-        for at, event_id, name, body in held[:n]:
+        for at, event_id, name, body in ready:
             when = datetime.fromisoformat(at)
             due = self.due(st)
             if due is not None and due <= when:

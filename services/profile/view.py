@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from services.profile.domain import ProfileRules, cadence, days_since_last, net_spend, top_categories, window_counts
+from services.runtime import held
 
 
 def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules: ProfileRules) -> dict[str, Any]:
@@ -64,7 +65,7 @@ def customer_view(customer_id: str, state: dict[str, Any], now: datetime, rules:
         "lifecycle_stage": state["stage"],
         "recent_events": list(reversed(state["recent"])),
         # Read but not yet applied: they wait for the event clock (see ProfileDomain.apply).
-        "waiting": [{"occurred_at": at, "type": kind} for at, _id, kind, _body in state.get("held") or []],
+        "waiting": held.listing(state.get("held")),
         "unapplied": [
             {"occurred_at": at, "event_id": eid, "type": kind, "error": error}
             for at, eid, kind, error in state.get("unapplied") or []

@@ -30,12 +30,23 @@ def first_due(held: Sequence[list[str]] | None) -> datetime | None:
     return datetime.fromisoformat(held[0][0]) if held else None
 
 
-def take_ready(
-    held: Sequence[list[str]] | None, until: datetime, types: Mapping[str, type[Event]]
-) -> tuple[list[list[str]], list[Event]]:
-    """(what still waits, the events at or before `until` oldest first, parsed by their type name)."""
+def split_ready(held: Sequence[list[str]] | None, until: datetime) -> tuple[list[list[str]], list[list[str]]]:
+    """(what still waits, the entries at or before `until` oldest first), unparsed."""
     held = held or []
     n = 0
     while n < len(held) and datetime.fromisoformat(held[n][0]) <= until:
         n += 1
-    return list(held[n:]), [types[name].model_validate_json(body) for _, _, name, body in held[:n]]
+    return list(held[n:]), list(held[:n])
+
+
+def take_ready(
+    held: Sequence[list[str]] | None, until: datetime, types: Mapping[str, type[Event]]
+) -> tuple[list[list[str]], list[Event]]:
+    """(what still waits, the events at or before `until` oldest first, parsed by their type name)."""
+    rest, ready = split_ready(held, until)
+    return rest, [types[name].model_validate_json(body) for _, _, name, body in ready]
+
+
+def listing(held: Sequence[list[str]] | None) -> list[dict[str, str]]:
+    """What waits, as a read API shows it: each event's time and type."""
+    return [{"occurred_at": at, "type": kind} for at, _id, kind, _body in held or ()]
