@@ -5,7 +5,7 @@ SHOP_INTERACTIONS = "shop.interactions"
 # What a consumer of the profile or the ledger needs is on a topic with nothing else: churn and
 # notify read every profile snapshot, churn every tier change. When segment and stage changes
 # shared crm.profile and tier changes crm.loyalty, churn parsed and skipped two records of every
-# three it read (docs/BENCHMARKS.md).
+# three it read (docs/benchmarks-history.md).
 CRM_PROFILE = "crm.profile"  # profile snapshots and erasures
 CRM_SEGMENTS = "crm.segments"  # segment and lifecycle-stage changes (campaigns, analytics)
 CRM_LOYALTY = "crm.loyalty"  # the points ledger's movements

@@ -4,7 +4,7 @@ SecantusDB (the embedded default store) serves its connections from threads of o
 process, and serves several busy clients at once more slowly than one. In `crm bench` on this
 project's 2-core machines, four connections writing bulk upserts together got 576.7
 documents/s out of it, against 744.3 for one, and 690.9 for the same four taking turns
-(docs/BENCHMARKS.md, "Store turns"). So when `CRM_STORE_TURNS_FILE` is set (the embedded stack
+(docs/benchmarks-history.md, "Store turns"). So when `CRM_STORE_TURNS_FILE` is set (the embedded stack
 sets it), every service holds an exclusive `flock` on that file for each of its hot-path store
 requests. A real MongoDB serves concurrent requests well: leave it unset there (the default),
 and a turn costs nothing.
