@@ -671,7 +671,11 @@ def build_parser() -> argparse.ArgumentParser:
     loyalty = p.add_subparsers(dest="loyalty_command", required=True)
     q = loyalty.add_parser("audit", help="check every account and its ledger pages: balance = entries = lots - debt")
     q.add_argument("--json", action="store_true")
-    q.add_argument("--database", default="loyalty", help="the loyalty database name (after CRM_DB_PREFIX)")
+    q.add_argument(
+        "--database",
+        default=os.environ.get("CRM_LOYALTY_DATABASE") or "loyalty",
+        help="the loyalty database name, after CRM_DB_PREFIX (default: CRM_LOYALTY_DATABASE, else loyalty)",
+    )
     p.set_defaults(func=cmd_loyalty)
 
     p = sub.add_parser("churn", help="churn model tools on a transaction file")
