@@ -232,7 +232,7 @@ class LoyaltyDomain:
             known = st["profile"]["birthday"] is not None
             self._profile(st, event)
             if not known and st["profile"]["birthday"] is not None:
-                self._late_birthday(st, event, out)
+                self._late_birthday(st, event, now, out)
             if st["tier"] is None:
                 self._join(st, event, out)
             self._hand_over(st, event, out)
@@ -330,7 +330,7 @@ class LoyaltyDomain:
                 _reject(st, when, pending["cause"], PurchaseRefunded.__name__, str(exc))
         self._upgrade(st, ev, out)
 
-    def _late_birthday(self, st, ev: Event, out) -> None:
+    def _late_birthday(self, st, ev: Event, now: datetime, out) -> None:
         """Orders rated before the registration was read get the birthday-month bonus they would
         have had if it had come first (registrations and purchases travel on different topics):
         less the share refunded since, and nothing where the order's points have expired."""
@@ -354,7 +354,9 @@ class LoyaltyDomain:
                 continue
             bought = _day(datetime.fromisoformat(order["at"]))
             expires = add_months(bought, self.rules.expiry_months)
-            if _day(ev.occurred_at) >= expires:
+            # Judged by the clock, not by the registration's own (usually earlier) time: read after
+            # the order's lot expired, the credit would be a lot born expired, and a notice about it.
+            if _day(max(ev.occurred_at, now)) >= expires:
                 order["expired"] += credit  # they would have expired with the order's lot
                 continue
             self._add_spend(st, bought, Decimal(0), order["currency"], credit)
@@ -362,7 +364,10 @@ class LoyaltyDomain:
             lot = next((x for x in st["lots"] if x["id"] == order["lot"]), None)
             if lot is None or st["debt"]:
                 # Into a lot of their own that expires with the order's points, not a year from now.
-                self._earn(st, ev, credit, reason, order_id, out, f"birthday/{order_id}", expires=expires)
+                lot_id = self._earn(st, ev, credit, reason, order_id, out, f"birthday/{order_id}", expires=expires)
+                for lot in st["lots"]:
+                    if lot["id"] == lot_id:
+                        lot["order"] = order_id
                 continue
             # Into the order's own lot: the same lots (and so the same expiry and notices) as if
             # the registration had been read first.
@@ -450,8 +455,10 @@ class LoyaltyDomain:
         due = Decimal(order["points"]) * (before + refunded) / total if total > 0 else Decimal(0)
         target = int(due.to_integral_value(rounding=ROUND_HALF_UP))
         points = min(target - order["reversed"], order["points"] - order["reversed"] - order["expired"])
-        # Qualifying spend and points both go down (`qualify_by = "points"` counted refunded orders).
-        self._add_spend(st, _day(at), -refunded, order["currency"], -max(points, 0))
+        # Qualifying spend and points both go down (`qualify_by = "points"` counted refunded orders),
+        # dated by the order, not the refund: both leave the qualifying window together, or the
+        # refund would go on counting against later purchases after its order had left it.
+        self._add_spend(st, _day(datetime.fromisoformat(order["at"])), -refunded, order["currency"], -max(points, 0))
         if points <= 0:
             return
         order["reversed"] += points
@@ -667,11 +674,14 @@ class LoyaltyDomain:
         # ISO dates compare as strings do, so nothing is parsed for the lots that are not due.
         day = today.isoformat()
         due = sorted((lot for lot in st["lots"] if lot["remaining"] > 0 and lot["expires_on"] <= day), key=_fifo)
+        # An order's points live in its own lot, and a late birthday credit may live in another
+        # (marked with the order): what either loses to expiry, a later refund must not take again.
         by_lot = {o["lot"]: k for k, o in st["orders"].items() if o["lot"] is not None} if due else {}
         for lot in due:
             points, lot["remaining"] = lot["remaining"], 0
-            if lot["id"] in by_lot:
-                _order(st, by_lot[lot["id"]])["expired"] += points  # a later refund does not take them twice
+            order_id = by_lot.get(lot["id"]) or lot.get("order")
+            if order_id in st["orders"]:
+                _order(st, order_id)["expired"] += points  # a later refund does not take them twice
             at = _at(date.fromisoformat(lot["expires_on"]))
             cause = uuid.uuid5(uuid.NAMESPACE_URL, f"loyalty/{cid}/lot/{lot['id']}")
             entry = self._entry_at(st, at, str(cause), -points, "expire", f"lot {lot['id']} expired", lot["id"])

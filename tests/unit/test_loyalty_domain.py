@@ -756,6 +756,52 @@ def test_a_late_birthday_credit_expires_with_its_order():
     assert [x["expires_on"] for x in late["lots"]] == [add_months(T0.date(), 12).isoformat()]
 
 
+def test_a_refund_after_a_late_birthday_credit_expired_takes_those_points_once():
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    bday = {"birthday": date(1970, 1, 20)}
+    spend = [redeem(50, rid, at=T0 + timedelta(days=1)) for rid in ("x1", "x2")]
+
+    def expire_then_refund(state):
+        state, _ = d.tick(state, "c1", T0 + timedelta(days=400))
+        state, _ = run(d, [refund("o1", "100.00", "r1", at=T0 + timedelta(days=410))], state)
+        return state["balance"], state["debt"], audit(state)
+
+    first, _ = run(d, [register(at=T0 - timedelta(days=1), **bday), buy("o1", "100.00"), *spend])
+    # Read after the order's lot was spent: the extra goes into a lot of its own, which expires.
+    late, _ = run(d, [buy("o1", "100.00"), *spend, register(at=T0 + timedelta(days=30), **bday)])
+    assert expire_then_refund(late) == expire_then_refund(first) == (-100, 100, [])
+
+
+def test_a_registration_read_after_the_orders_points_expired_credits_nothing_that_expired():
+    d = LoyaltyDomain(rules(birthday_month_multiplier=Decimal(2)))
+    state, _ = run(d, [buy("o1", "100.00")])
+    state, _ = d.tick(state, "c1", T0 + timedelta(days=400))
+    # Registered the day before buying, read 400 days later: the extra would have expired with the
+    # order's lot, so no lot born expired, no second expiry and no notice about it.
+    reg = register(at=T0 - timedelta(days=1), birthday=date(1970, 1, 20))
+    late, out = d.apply(state, reg, T0 + timedelta(days=400))
+    assert late["balance"] == 0 and late["lots"] == []
+    assert not [e for e in out if e.type == "PointsEarned"]
+    after, out = d.tick(late, "c1", T0 + timedelta(days=401))
+    assert not [e for e in out if e.type == "PointsExpired"]
+    assert not [e for e in out if e.type == "CareRequested" and e.data.kind == "points_expiring"]
+    assert [e["kind"] for e in after["entries"]] == ["earn", "expire"] and audit(after) == []
+
+
+def test_a_refund_leaves_the_tier_window_with_its_order():
+    d = LoyaltyDomain(rules())
+    old = datetime(1997, 1, 10, 12, tzinfo=UTC)
+    state, _ = run(
+        d, [buy("o1", "400.00", at=old), refund("o1", "400.00", "r1", at=datetime(1997, 12, 20, tzinfo=UTC))]
+    )
+    assert d.qualifying(state, date(1997, 12, 21)) == 0  # while both are in the window
+    state, _ = run(d, [buy("o2", "400.00", at=datetime(1998, 2, 1, 12, tzinfo=UTC))], state)
+    # The refunded order of January 1997 no longer counts in March 1998, nor does its refund.
+    assert d.qualifying(state, date(1998, 3, 1)) == 400
+    _, out = d.tick(state, "c1", datetime(1998, 6, 1, tzinfo=UTC))
+    assert not [e for e in out if e.type == "TierChanged"]
+
+
 def test_qualifying_points_go_down_with_refunds():
     d = LoyaltyDomain(rules(qualify_by="points"))
     state, _ = run(d, [buy("o1", "400.00")])
