@@ -62,7 +62,9 @@ def _currency(value: str) -> str:
 def _timezone(value: str) -> str:
     try:
         ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    # OSError: a folder of the zone database ("Europe") is no zone, and it
+    # must fail validation like any other bad name, not escape it and stop the partition.
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise ValueError(f"{value!r} is not an IANA timezone name") from exc
     return value
 

@@ -1,4 +1,4 @@
-"""Bad input never stops a partition: 49 malformed messages, interleaved with valid ones, each
+"""Bad input never stops a partition: 50 malformed messages, interleaved with valid ones, each
 dead-lettered with its reason while every valid event around them is processed, once."""
 
 from __future__ import annotations

@@ -122,6 +122,7 @@ def corpus() -> list[Bad]:
         Bad("invalid e-mail", INT, K, _j(_registration(email="not-an-email")), "email"),
         Bad("phone not E.164", INT, K, _j(_registration(phone="138 0000 0000")), "phone"),
         Bad("unknown timezone", INT, K, _j(_registration(timezone="Mars/Olympus_Mons")), "timezone"),
+        Bad("a zone database folder as timezone", INT, K, _j(_registration(timezone="Europe")), "timezone"),
         Bad(
             "consent on an unknown channel",
             INT,

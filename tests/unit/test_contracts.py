@@ -133,9 +133,10 @@ def test_interaction_events_validate_their_own_rules():
         },
     }
     assert INTERACTIONS.parse(raw(reg)).data.birthday.isoformat() == "2000-02-29"
-    bad_tz = {**reg, "data": {**reg["data"], "timezone": "Mars/Olympus"}}
-    with pytest.raises(InvalidMessage, match="IANA"):
-        INTERACTIONS.parse(raw(bad_tz))
+    for tz in ("Mars/Olympus", "Europe", "Etc", "America"):  # folders of the zone database too
+        bad_tz = {**reg, "data": {**reg["data"], "timezone": tz}}
+        with pytest.raises(InvalidMessage, match="IANA"):
+            INTERACTIONS.parse(raw(bad_tz))
     bad_phone = {**reg, "data": {**reg["data"], "phone": "13800000000"}}
     with pytest.raises(InvalidMessage, match=r"data\.phone"):
         INTERACTIONS.parse(raw(bad_phone))
