@@ -164,9 +164,12 @@ class NotifyDomain:
         st = new_state()
         st["erased"] = True
         st["done"] = list((state or {}).get("done", []))
+        # A job out with a provider is left to its outcome (`record`): suppressed now, it would be
+        # announced as both suppressed and sent.
         out = [
             _suppressed(ev.customer_id, job, "customer erased", now)
             for job in ((state or {}).get("jobs") or {}).values()
+            if job["rid"] not in self.in_flight
         ]
         return st, out
 
@@ -192,6 +195,10 @@ class NotifyDomain:
             "channel": None,
             "reason": "",
             "wake": now.isoformat(),
+            # When notify first saw it: the wait for contact details counts from here, not from
+            # the request's own time, or a request read late (notify down for an hour) would be
+            # suppressed at once although the profile is right behind it.
+            "seen": now.isoformat(),
         }
         st["jobs"][rid] = job
         out: list[Event] = []
@@ -254,7 +261,7 @@ class NotifyDomain:
         if st.get("erased"):
             return self._suppress(st, cid, job, "customer erased", now, out)
         if not st["profile"].get("known"):
-            until = created + rules.contact_wait
+            until = max(created, _ts(job.get("seen")) or created) + rules.contact_wait
             if now < until:
                 job.update(status="waiting", wake=until.isoformat(), reason="waiting for contact details")
                 return None
@@ -352,6 +359,10 @@ class NotifyDomain:
         )
         out.append(_outcome(NotificationFailed, cid, job.data, data, outcome.channel, now))
         if not self.pending(state, job):
+            if st.get("erased") and rid not in st["jobs"]:
+                # Erased while it was out (the erasure left it to its outcome), and it did not go.
+                _remember(st, f"{rid}:-")
+                out.append(_suppressed(cid, job.data, "customer erased", now))
             return st, out  # decided again meanwhile: that decision stands
         job = st["jobs"][rid]
         _uncount(st, job, outcome.channel)

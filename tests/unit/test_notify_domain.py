@@ -193,6 +193,36 @@ def test_erasure_suppresses_pending_messages_and_every_later_one():
     assert [e.data.reason for e in out] == ["customer erased"]
 
 
+def test_an_erasure_while_a_message_is_out_leaves_it_to_its_outcome():
+    d = NotifyDomain()
+    erase = CustomerErased(
+        event_id=uuid.uuid4(), occurred_at=NOON, producer="profile", customer_id=CID,
+        data=CustomerErasedData(request_id="r-1"),
+    )  # fmt: skip
+    state, _ = run(d, [profile(), care()])
+    job = only_job(d, state)
+    d.in_flight.add(job.request_id)  # handed to the provider when the erasure is read
+    state, out = d.apply(state, erase, NOON)
+    assert out == [] and state["erased"] and state["contact"] == {}
+    _, out = d.record(state, job, Sent("sms", "gw"), NOON)
+    assert [e.type for e in out] == ["NotificationSent"]  # not also suppressed
+    _, out = d.record(state, job, Failed("sms", "timeout", False), NOON)
+    assert [(e.type, getattr(e.data, "reason", None)) for e in out] == [
+        ("NotificationFailed", None),
+        ("NotificationSuppressed", "customer erased"),
+    ]
+    d.in_flight.clear()
+
+
+def test_the_wait_for_contact_details_counts_from_when_the_request_is_read():
+    d = NotifyDomain(NotifyRules(contact_wait=timedelta(minutes=30)))
+    read = NOON + timedelta(hours=2)  # notify was down for two hours
+    state, out = d.apply(None, care(), read)
+    assert out == [] and d.due(state, read) == read + timedelta(minutes=30)
+    state, out = d.apply(state, profile(), read + timedelta(minutes=1))  # right behind it
+    assert out == [] and only_job(d, state).channel == "sms"
+
+
 def test_stale_marketing_is_not_sent():
     d = NotifyDomain(NotifyRules(marketing_max_age=timedelta(days=2)))
     state, out = run(d, [profile(), offer()], now=NOON + timedelta(days=3))
