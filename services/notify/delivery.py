@@ -16,10 +16,12 @@ one, and the jobs' status in MongoDB keeps a message from going out twice.
 A round (under the pipeline lock, so it never races a batch for the same
 customer) takes the customers that are due, lets the domain move their
 waiting and deferred jobs on, sends every queued job, records the outcomes,
-writes once and publishes. A crash between a provider's acceptance and the
-write can repeat that one message: the e-mail carries the same Message-ID and
-the SMS the same idempotency key, so a provider that honours them (the
-embedded SMS gateway does) drops the repeat.
+writes once and publishes. A stop or a revocation waiting for the round makes
+it start no new send and let go once what it sent is recorded. A crash between
+a provider's acceptance and the write can repeat the round's messages sent so
+far: the e-mail carries the same Message-ID and the SMS the same idempotency
+key, so a provider that honours them (the embedded SMS gateway does) drops the
+repeat.
 """
 
 from __future__ import annotations
@@ -211,6 +213,15 @@ class Deliverer:
             if host.store.schedule.stale:  # a new assignment: the previous owner may not have flushed
                 host.store.schedule.stale = False
                 self._rebuild_all = True
+                async with host.pipeline.lock:
+                    # Notify has no time-driven sweep, which does both of these for the other
+                    # services: start the clock where the last owner left it (under event time,
+                    # with no new events, messages left queued by a stop waited for the next event),
+                    # and publish outcomes a crash left in stored outboxes (else they wait for the
+                    # customer's next write, maybe for ever).
+                    await host.pipeline.seed_clock()
+                    if flushed := await host.pipeline.flush_outboxes(host.owns):
+                        log.warning("published %d events a crash had left in stored outboxes", flushed)
             if time.monotonic() - self._last_rebuild > self.rebuild_interval_s:
                 self._rebuild_all = True  # also heals a Redis that lost recent writes but kept the marker
             await self.flush()
@@ -282,8 +293,14 @@ class Deliverer:
 
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def send(job: Job):
+        async def send(job: Job) -> Sent | Failed | None:
             async with limit:
+                if getattr(host.revoke_guard, "wanted", False):
+                    # A stop or a rebalance waits for this round: what has not started stays queued
+                    # for the next round (this replica's or the partition's next owner's), so the
+                    # round ends with what it sent recorded, instead of being cancelled with the
+                    # outcomes unwritten and those messages sent again.
+                    return None
                 return await self.send(snapshots[job.customer_id], job, now)
 
         out = {job.request_id for _, job in jobs}
@@ -304,7 +321,9 @@ class Deliverer:
                 return
             result = BatchResult()
             dead: list[DeadLetter] = []
-            recorded = [(job, outcome, now) for (_, job), outcome in zip(jobs, outcomes, strict=True)]
+            recorded = [
+                (job, outcome, now) for (_, job), outcome in zip(jobs, outcomes, strict=True) if outcome is not None
+            ]
             docs = await self._load([job.customer_id for job, _, _ in recorded])
             self._record(docs, recorded, result, dead)
             self._refresh_due(docs, [], now)

@@ -36,6 +36,27 @@ log = logging.getLogger(__name__)
 GUARDED_STOP_S = 12.0
 
 
+class Guard(asyncio.Lock):
+    """A lock whose holder can see that someone waits for it. Held by long work outside batches
+    (notify's delivery round); a stop or a revocation waits for it, and the work, seeing `wanted`,
+    starts nothing new and lets go as soon as what it started has finished and been recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting = 0
+
+    @property
+    def wanted(self) -> bool:
+        return self._waiting > 0
+
+    async def acquire(self) -> bool:
+        self._waiting += 1
+        try:
+            return await super().acquire()
+        finally:
+            self._waiting -= 1
+
+
 @dataclass
 class ServiceSpec:
     """What a service is: its name, what it consumes, its pure domain and its store layout."""
@@ -68,7 +89,7 @@ class ServiceHost:
         self.after_batch: list[Callable[[bool], None]] = []  # called after every batch (ok or not)
         self.on_stop: list[Callable[[], Awaitable[None]]] = []  # closes what the composition root opened
         # Held by work outside batches that must finish before partitions move (and before a stop).
-        self.revoke_guard = asyncio.Lock()
+        self.revoke_guard = Guard()
         self.assignment_epoch = 0  # bumped on every revocation: a cached document may be gone
         self._tasks: list[asyncio.Task] = []
         self.common = common

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import itertools
 import json
 import logging
@@ -46,7 +47,8 @@ class MailDir:
         self.directory = directory
         self.directory.mkdir(parents=True, exist_ok=True)
         self._seq = itertools.count()
-        self.accept = accept  # tests: return an SMTP reply to refuse a message, None to take it
+        # Tests: return an SMTP reply to refuse a message, None to take it (or an awaitable of either).
+        self.accept = accept
 
     async def handle_RCPT(self, server, session: Session, envelope: Envelope, address: str, options) -> str:
         if address.rsplit("@", 1)[-1].lower().endswith(".invalid"):
@@ -55,7 +57,10 @@ class MailDir:
         return "250 OK"
 
     async def handle_DATA(self, server, session: Session, envelope: Envelope) -> str:
-        if self.accept is not None and (reply := self.accept(envelope)) is not None:
+        reply = self.accept(envelope) if self.accept is not None else None
+        if inspect.isawaitable(reply):
+            reply = await reply  # tests: a slow server
+        if reply is not None:
             return reply
         name = f"{time.time_ns()}-{os.getpid()}-{next(self._seq)}.eml"
         tmp = self.directory / f".{name}.tmp"

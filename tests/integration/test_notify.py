@@ -48,12 +48,13 @@ class Sinks:
         self.sms_file = tmp / "sms.jsonl"
         self.smtp_port, self.sms_port = free_port(), free_port()
         self.refusals = 0  # SMTP DATA commands to refuse with 451 before accepting
+        self.slow = None  # an async function the server awaits before taking each message
 
     def accept(self, _envelope):
         if self.refusals > 0:
             self.refusals -= 1
             return "451 4.3.0 temporarily unable to accept, try again"
-        return None
+        return self.slow() if self.slow is not None else None
 
     def mail(self) -> list[EmailMessage]:
         return read_mail(self.mail_dir)
@@ -302,6 +303,36 @@ async def test_an_smtp_server_that_fails_twice_then_accepts_delivers_once(common
             f'crm_notify_send_retries_total{{channel="email",provider="smtp://127.0.0.1:{sinks.smtp_port}"}} 2.0'
             in (metrics)
         )
+
+
+async def test_a_stop_during_a_delivery_round_sends_nothing_twice(common, sinks, monkeypatch):
+    # A round of twelve e-mails, one at a time, each taking the SMTP server 0.5 s, outlasts the time
+    # a stop waits for it (shortened to 3 s here; 12 s in service). The stop must not cancel the
+    # round with messages sent and their outcomes unwritten: the next start would send them again.
+    monkeypatch.setattr("services.runtime.service.GUARDED_STOP_S", 3.0)
+    accepting = asyncio.Event()
+
+    async def slow():
+        accepting.set()
+        await asyncio.sleep(0.5)
+
+    sinks.slow = slow
+    settings = settings_for(sinks, send_concurrency=1)
+    customers = [f"stop-{i}" for i in range(12)]
+    async with Running(common, settings) as n:
+        for cid in customers:
+            await n.profile(cid, DAY1, preferred_channel="email")
+        await n.send(*(care(cid, DAY1, order_id=f"o-{cid}") for cid in customers))
+        await asyncio.wait_for(accepting.wait(), 30)
+    first = len(sinks.mail())
+    assert 1 <= first < len(customers)  # stopped mid-round
+    async with Running(common, settings) as n:
+        events = await n.notifications(expect=len(customers), settle=2.0)
+    # By event id: the new owner republishes outcomes left in stored outboxes (at least once).
+    sent = {e["event_id"]: e["customer_id"] for e in events if e["type"] == "NotificationSent"}
+    assert sorted(sent.values()) == sorted(customers)
+    mailed = [m["To"] for m in sinks.mail()]
+    assert sorted(mailed) == sorted(f"{cid}@example.com" for cid in customers)
 
 
 async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(common, sinks):
