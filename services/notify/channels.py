@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.policy
 import logging
 import re
 import ssl
@@ -90,12 +91,15 @@ def mime(msg: Outgoing) -> bytes:
 
     Built with the compat32 classes: about six times cheaper than `EmailMessage` with the
     default policy (measured 0.4 against 2.9 ms a message), which dominated a send's CPU.
+    An internationalised address (RFC 6531) goes out with SMTPUTF8, its headers as UTF-8
+    (RFC 6532): RFC 2047 words in `To` are no address.
     """
+    utf8 = not msg.to.isascii()
     m = MIMEMultipart("alternative")
     name, addr = parseaddr(msg.sender)
     m["From"] = formataddr((name, addr), charset="utf-8")
     m["To"] = msg.to
-    m["Subject"] = msg.subject if msg.subject.isascii() else Header(msg.subject, "utf-8")  # RFC 2047
+    m["Subject"] = msg.subject if msg.subject.isascii() or utf8 else Header(msg.subject, "utf-8")  # RFC 2047
     if msg.sent_at is not None:
         m["Date"] = format_datetime(msg.sent_at)
     m["Message-ID"] = msg.message_id
@@ -106,7 +110,7 @@ def mime(msg: Outgoing) -> bytes:
         m["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     m.attach(MIMEText(msg.text, "plain", "utf-8"))
     m.attach(MIMEText(msg.html, "html", "utf-8"))
-    return m.as_bytes()
+    return m.as_bytes(policy=email.policy.SMTPUTF8) if utf8 else m.as_bytes()
 
 
 def _display(url: str) -> str:
@@ -153,21 +157,26 @@ class SmtpProvider:
         async with self._slots:
             client = self._idle.pop() if self._idle else None
             reused = client is not None and client.is_connected
+            options: list[str] = []
             try:
                 if not reused:
                     client = await self._connect()
                 raw, sender = mime(msg), parseaddr(msg.sender)[1]
+                options = [] if msg.to.isascii() else ["SMTPUTF8"]
                 try:
-                    await client.sendmail(sender, [msg.to], raw)
+                    await client.sendmail(sender, [msg.to], raw, mail_options=options)
                 except aiosmtplib.SMTPServerDisconnected:
                     if not reused:
                         raise
                     # The server closed an idle pooled connection: one fresh try, not a retry.
                     client = await self._connect()
-                    await client.sendmail(sender, [msg.to], raw)
+                    await client.sendmail(sender, [msg.to], raw, mail_options=options)
             except BaseException as exc:
                 if client is not None:
                     client.close()  # after an error the session state is unknown: never reuse it
+                if options and isinstance(exc, aiosmtplib.SMTPNotSupported):
+                    # This server cannot carry the address: the customer's other channel may.
+                    raise AddressError("an internationalised address, and the server does not offer SMTPUTF8") from None
                 _raise_classified(exc)
             self._idle.append(client)
 

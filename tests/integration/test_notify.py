@@ -335,6 +335,16 @@ async def test_a_stop_during_a_delivery_round_sends_nothing_twice(common, sinks,
     assert sorted(mailed) == sorted(f"{cid}@example.com" for cid in customers)
 
 
+async def test_an_internationalised_address_is_mailed_with_smtputf8(common, sinks):
+    async with Running(common, settings_for(sinks)) as n:
+        await n.profile("fang", DAY1, email="王芳@例子.中国", preferred_channel="email")
+        await n.send(care("fang", DAY1, order_id="o-1"))
+        events = await n.notifications(expect=1, settle=2.0)
+    assert [(e["type"], e["data"]["channel"]) for e in events] == [("NotificationSent", "email")]
+    (mail,) = sinks.mail()
+    assert mail["To"] == "王芳@例子.中国"  # as UTF-8 (RFC 6532), not RFC 2047 words
+
+
 async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(common, sinks):
     dead = free_port()  # nothing listens: connection refused, a transient error
     settings = settings_for(
