@@ -395,6 +395,11 @@ def message_context(state: dict[str, Any], job: Job) -> dict[str, Any]:
         **{k: v for k, v in data.items() if v is not None},
     }
     ctx.setdefault("tier", data.get("loyalty_tier") or data.get("tier") or p.get("value_tier"))
+    # The customer's language and zone as they are now: a requester's copy (profile puts its locale
+    # in every request) is as old as the request, and a follow-up goes out days later.
+    for key in ("locale", "timezone"):
+        if p.get(key):
+            ctx[key] = p[key]
     return ctx
 
 

@@ -240,6 +240,15 @@ def test_the_template_sees_the_request_data_over_the_profile():
     assert ctx["tier"] == "vip" and ctx["locale"] == "zh-CN"
 
 
+def test_the_message_speaks_the_customers_language_as_it_is_when_sent():
+    d = NotifyDomain()
+    req = care()
+    req.data.template_data["locale"] = "zh-CN"  # the requester's copy, as profile sends it
+    state, _ = run(d, [profile(), req])
+    state, _ = d.apply(state, profile(locale="en"), NOON + timedelta(minutes=1))  # changed meanwhile
+    assert message_context(state, only_job(d, state))["locale"] == "en"
+
+
 def test_a_queued_job_is_decided_again_when_consent_changes_or_before_it_is_sent():
     d = NotifyDomain()
     state, _ = run(d, [profile(), offer()])
