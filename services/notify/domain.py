@@ -130,6 +130,13 @@ class NotifyDomain:
 
     def apply(self, state, event: Event, now: datetime):
         if isinstance(event, ProfileUpdated):
+            if state and state.get("erased"):
+                erased_at = _ts(state.get("erased_at"))
+                if erased_at is not None and event.occurred_at <= erased_at:
+                    return state, []  # a snapshot from before the erasure, resent: nothing to keep
+                # Profile sends no snapshot of an erased customer, and both travel on crm.profile in
+                # order: this one is of a registration after the erasure, which starts over there.
+                state = {**new_state(), "done": list(state.get("done", []))}
             st = _copy(state)
             self._project(st, event)
             out: list[Event] = []
@@ -163,6 +170,7 @@ class NotifyDomain:
     def _erase(self, state, ev: CustomerErased, now: datetime):
         st = new_state()
         st["erased"] = True
+        st["erased_at"] = ev.occurred_at.isoformat()
         st["done"] = list((state or {}).get("done", []))
         # A job out with a provider is left to its outcome (`record`): suppressed now, it would be
         # announced as both suppressed and sent.

@@ -191,6 +191,15 @@ def test_erasure_suppresses_pending_messages_and_every_later_one():
     assert state["contact"] == {} and state["erased"]
     state, out = d.apply(state, care(late), late)
     assert [e.data.reason for e in out] == ["customer erased"]
+    # A snapshot from before the erasure, resent, brings nothing back.
+    resent, out = d.apply(state, profile(NOON), late)
+    assert out == [] and resent["erased"] and resent["contact"] == {}
+    # A registration after the erasure starts over, in profile and here.
+    again = late + timedelta(days=1)
+    state, _ = d.apply(state, profile(again), again)
+    assert not state.get("erased") and state["contact"]["name"] == "王芳"
+    state, out = d.apply(state, care(again), again)
+    assert out == [] and only_job(d, state).kind == "first_purchase_thanks"
 
 
 def test_an_erasure_while_a_message_is_out_leaves_it_to_its_outcome():
