@@ -28,6 +28,7 @@ from contracts.crm import (
     RetentionRequestedData,
 )
 from services.notify.app import build
+from services.notify.delivery import WakeIndex
 from services.notify.settings import NotifySettings
 from services.runtime.cache import Cache
 from services.runtime.clock import EventClock
@@ -343,6 +344,24 @@ async def test_an_internationalised_address_is_mailed_with_smtputf8(common, sink
     assert [(e["type"], e["data"]["channel"]) for e in events] == [("NotificationSent", "email")]
     (mail,) = sinks.mail()
     assert mail["To"] == "王芳@例子.中国"  # as UTF-8 (RFC 6532), not RFC 2047 words
+
+
+async def test_a_round_goes_on_while_one_partition_has_a_backlog(common):
+    # Six partitions share a round of twelve: two each. One partition's backlog of forty must make
+    # the round go on at once, not wait a sweep interval for every two of them.
+    cache = Cache(common, "notify-index-test")
+    index = WakeIndex(cache.redis, cache.key("wake") + ":")
+    try:
+        due = DAY1 - timedelta(minutes=1)
+        await index.apply({f"c-{i}": due for i in range(40)}, lambda _cid: 0)
+        ids, more = await index.due(set(range(6)), DAY1, 12)
+        assert len(ids) == 2 and more
+        await index.apply({cid: None for cid in [f"c-{i}" for i in range(39)]}, lambda _cid: 0)
+        ids, more = await index.due(set(range(6)), DAY1, 12)
+        assert ids == ["c-39"] and not more
+    finally:
+        await cache.delete_own_keys()
+        await cache.close()
 
 
 async def test_failover_to_the_secondary_and_fallback_after_an_invalid_address(common, sinks):
