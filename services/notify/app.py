@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from html import escape
 from urllib.parse import parse_qs
 
 import httpx
@@ -101,9 +100,10 @@ def routes(host: ServiceHost, settings: NotifySettings, links: LinkSigner) -> li
             return HTMLResponse("<p>This unsubscribe link is not valid.</p>", status_code=400)
         cid, channel = link
         if request.method == "GET":
-            # A GET never unsubscribes: mail scanners follow links (RFC 8058 asks for a POST).
+            # A GET never unsubscribes: mail scanners follow links (RFC 8058 asks for a POST). No
+            # action: the form posts back to this very link, whatever path prefix a proxy put before it.
             return HTMLResponse(
-                f"<form method='post' action='{escape(links.unsubscribe_path(cid, channel))}'>"
+                "<form method='post'>"
                 "<input type='hidden' name='List-Unsubscribe' value='One-Click'>"
                 f"<button>Unsubscribe from {channel} messages / 退订</button></form>"
             )

@@ -216,7 +216,8 @@ async def test_channel_choice_consent_and_dedup_end_to_end(common, sinks):
         # One-click unsubscribe (RFC 8058): a POST to the link publishes the opt-out for the profile.
         url = en["List-Unsubscribe"].strip().strip("<>")  # a long header is folded
         async with httpx.AsyncClient() as anon:
-            assert (await anon.get(url)).status_code == 200  # a GET only shows the button
+            page = await anon.get(url)  # a GET only shows the button, which posts back to the link itself
+            assert page.status_code == 200 and "<form method='post'>" in page.text
             assert (
                 await anon.post(url.replace("t=", "t=x"), data={"List-Unsubscribe": "One-Click"})
             ).status_code == 400
