@@ -575,8 +575,10 @@ class ProfileDomain:
                 history = sorted([*st["consent_history"], entry], key=lambda h: _ts(h["at"]))
                 st["consent_history"] = history[-self.rules.consent_history_kept :]
             return
-        if current is not None and current["granted"] == granted:
-            return
+        if current is not None and current["granted"] == granted and at == _ts(current["at"]):
+            return  # the statement in force, again
+        # A newer statement moves the consent's time even when it says the same: a revocation that
+        # confirms an earlier one must still outrank a grant dated between them and read late.
         st["consent"][channel] = {"granted": granted, "at": at.isoformat(), "source": source}
         st["consent_history"] = [*st["consent_history"], entry][-self.rules.consent_history_kept :]
 

@@ -354,6 +354,23 @@ def test_a_consent_or_registration_read_late_does_not_undo_a_newer_one():
     assert [e.type for e in out if e.type == "ProfileUpdated"] == []
 
 
+def test_a_revocation_that_confirms_an_earlier_one_still_outranks_a_grant_read_late():
+    d = ProfileDomain()
+    day = timedelta(days=1)
+    unsubscribe = _ev(ConsentChanged, ConsentChangedData(channel="email", granted=False, source="link"), T0 + 2 * day)
+    grant = _ev(ConsentChanged, ConsentChangedData(channel="email", granted=True, source="web"), T0 + day)
+    # Registered without e-mail consent, unsubscribed again two days later; a grant dated between
+    # the two is read last. The unsubscribe is the newest statement: it stands.
+    state, _ = run(d, [reg(consents=Consents(email=False)), unsubscribe], now=T0 + 3 * day)
+    state, _ = d.apply(state, grant, T0 + 3 * day)
+    assert state["consent"]["email"] == {"granted": False, "at": (T0 + 2 * day).isoformat(), "source": "link"}
+    assert [(h["at"], h["granted"]) for h in state["consent_history"] if h["channel"] == "email"] == [
+        (T0.isoformat(), False),
+        ((T0 + day).isoformat(), True),
+        ((T0 + 2 * day).isoformat(), False),
+    ]
+
+
 def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count_once():
     d = ProfileDomain()
     complaint = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T-ann-1")
