@@ -35,6 +35,7 @@ from contracts.shop import (
     ConsentChanged,
     CustomerErasureRequested,
     CustomerRegistered,
+    CustomerRegisteredData,
     CustomerUpdated,
     InteractionRecorded,
     PurchaseCompleted,
@@ -185,6 +186,10 @@ def _differs(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 
 CONTACT_FIELDS = ("name", "email", "phone")
 PROFILE_FIELDS = ("birthday", "gender", "locale", "timezone", "preferred_channel", "referred_by")
+# What an update that clears these fields sets them to: a registration's own defaults.
+REGISTRATION_DEFAULTS = {
+    name: CustomerRegisteredData.model_fields[name].default for name in ("locale", "timezone", "preferred_channel")
+}
 
 
 def _newer_fields(st: dict[str, Any], at: datetime, names) -> list[str]:
@@ -407,6 +412,8 @@ class ProfileDomain:
         d = ev.data
         for name in _newer_fields(st, ev.occurred_at, sorted(d.model_fields_set)):
             value = getattr(d, name)
+            if value is None and name in REGISTRATION_DEFAULTS:
+                value = REGISTRATION_DEFAULTS[name]  # cleared: back to what a registration without it gets
             if name in CONTACT_FIELDS:
                 st["contact"][name] = value
             elif name == "birthday":

@@ -371,6 +371,24 @@ def test_a_revocation_that_confirms_an_earlier_one_still_outranks_a_grant_read_l
     ]
 
 
+def test_an_update_that_clears_the_timezone_locale_or_channel_sets_the_registration_defaults():
+    d = ProfileDomain()
+    state, _ = run(
+        d, [reg(timezone="Asia/Shanghai", locale="zh-CN", preferred_channel="sms", birthday=date(1980, 3, 1))]
+    )
+    cleared = _ev(
+        CustomerUpdated,
+        CustomerUpdatedData(email="new@example.com", timezone=None, locale=None, preferred_channel=None),
+        T0 + timedelta(days=1),
+    )
+    state, _ = d.apply(state, cleared, T0 + timedelta(days=1))
+    p = state["profile"]
+    assert (p["timezone"], p["locale"], p["preferred_channel"]) == ("UTC", "en", "email")
+    assert state["contact"]["email"] == "new@example.com"
+    state, out = d.apply(state, buy("o1", at=T0 + timedelta(days=2)), T0 + timedelta(days=2))
+    assert "first_purchase_thanks" in kinds(out)
+
+
 def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count_once():
     d = ProfileDomain()
     complaint = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T-ann-1")
