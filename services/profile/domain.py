@@ -186,6 +186,7 @@ def _differs(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 
 CONTACT_FIELDS = ("name", "email", "phone")
 PROFILE_FIELDS = ("birthday", "gender", "locale", "timezone", "preferred_channel", "referred_by")
+TICKETS_KEPT = 50  # resolved ticket ids remembered, so a resent resolution plans no second follow-up
 # What an update that clears these fields sets them to: a registration's own defaults.
 REGISTRATION_DEFAULTS = {
     name: CustomerRegisteredData.model_fields[name].default for name in ("locale", "timezone", "preferred_channel")
@@ -523,17 +524,25 @@ class ProfileDomain:
                 ev.occurred_at.isoformat(),
             )
         ticket = d.ticket_id or str(ev.event_id)
+        complaints = st["complaints"]
         if d.ticket_status == "resolved":
-            st["complaints"]["open"] = [t for t in st["complaints"]["open"] if t != ticket]
-            if not st.get("erased_at"):
+            complaints["open"] = [t for t in complaints["open"] if t != ticket]
+            # One follow-up per resolution: a resolution sent again (or another message about a
+            # ticket resolved already) asks nothing more. A ticket first seen resolved (opened in
+            # another system) gets its follow-up.
+            resolved = complaints.setdefault("resolved", [])
+            if not st.get("erased_at") and ticket not in resolved:
+                complaints["resolved"] = [*resolved, ticket][-TICKETS_KEPT:]
                 self._plan_followup(st, ev, ev.occurred_at, "ticket", ticket, force=True)
         elif d.kind == "complaint":
-            st["complaints"]["total"] += 1
-            if ticket not in st["complaints"]["open"] and not st.get("erased_at"):
-                st["complaints"]["open"].append(ticket)
+            complaints["total"] += 1
             # No "how did we do?" while a complaint is open: the ticket's resolution plans one.
             _drop_purchase_followup(st)
-            if not st.get("erased_at"):
+            if ticket not in complaints["open"] and not st.get("erased_at"):
+                # Acknowledged once, when the ticket opens (again, after a resolution): further
+                # messages about an open ticket are part of the same conversation.
+                complaints["open"].append(ticket)
+                complaints["resolved"] = [t for t in complaints.get("resolved", []) if t != ticket]
                 out.append(self._care(ev, "complaint_acknowledgement", "transactional", st, {"ticket_id": ticket}))
         self._remember(st, ev, f"{d.kind} via {d.channel}" + (f" (score {d.score})" if d.score else ""))
 
@@ -553,6 +562,7 @@ class ProfileDomain:
             st["ids_digested"] = True
         st["details_at"] = {}
         st["complaints"]["open"] = []
+        st["complaints"]["resolved"] = []
         st["care"]["followup"] = None
         st["due"] = {}
         st.pop("unapplied", None)  # their errors may quote ids

@@ -389,6 +389,29 @@ def test_an_update_that_clears_the_timezone_locale_or_channel_sets_the_registrat
     assert "first_purchase_thanks" in kinds(out)
 
 
+def test_a_ticket_is_acknowledged_once_and_followed_up_once_per_resolution():
+    d = ProfileDomain()
+    day = timedelta(days=1)
+
+    def about(ticket, at, status=None):
+        data = InteractionRecordedData(kind="complaint", channel="web", ticket_id=ticket, ticket_status=status)
+        return _ev(InteractionRecorded, data, at)
+
+    state, out = run(d, [reg(), about("T1", T0 + day), about("T1", T0 + 2 * day)])
+    assert kinds(out) == ["welcome", "complaint_acknowledgement"] and state["complaints"]["total"] == 2
+    state, _ = run(d, [about("T1", T0 + 3 * day, "resolved")], state=state)
+    state, out = d.tick(state, "c1", T0 + 7 * day)
+    assert kinds(out) == ["satisfaction_follow_up"]
+    state, _ = run(d, [about("T1", T0 + 8 * day, "resolved")], state=state)  # the resolution resent
+    state, out = d.tick(state, "c1", T0 + 12 * day)
+    assert kinds(out) == []
+    # Reopened: acknowledged again, and its next resolution is followed up again.
+    state, out = run(d, [about("T1", T0 + 40 * day), about("T1", T0 + 41 * day, "resolved")], state=state)
+    assert kinds(out) == ["complaint_acknowledgement"]
+    state, out = d.tick(state, "c1", T0 + 45 * day)
+    assert kinds(out) == ["satisfaction_follow_up"]
+
+
 def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count_once():
     d = ProfileDomain()
     complaint = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T-ann-1")
