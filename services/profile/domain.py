@@ -385,12 +385,16 @@ class ProfileDomain:
         erased = _ts(st.get("erased_at"))
         if erased is not None and ev.occurred_at <= erased:
             return  # a resend of the registration the erasure was about: only a new one starts over
-        first_time = st["registered_at"] is None
-        st["registered_at"] = st["registered_at"] or ev.occurred_at.isoformat()
         if erased is not None:
+            # A new person as far as care goes: welcomed, thanked for their first purchase and
+            # greeted on their own birthday, whatever the erased registration had been sent.
             st["erased_at"] = None
             st["details_at"] = {}
             st["ids_digested"] = True  # the orders kept from before are digests
+            st["registered_at"] = None
+            st["care"] = new_state()["care"]
+        first_time = st["registered_at"] is None
+        st["registered_at"] = st["registered_at"] or ev.occurred_at.isoformat()
         # Field by field, unless a newer event already set it (a registration resent after an update).
         fresh = _newer_fields(st, ev.occurred_at, (*CONTACT_FIELDS, *PROFILE_FIELDS))
         values = {"name": d.name, "email": d.email, "phone": d.phone,

@@ -412,6 +412,21 @@ def test_a_ticket_is_acknowledged_once_and_followed_up_once_per_resolution():
     assert kinds(out) == ["satisfaction_follow_up"]
 
 
+def test_a_registration_after_an_erasure_is_cared_for_as_a_new_customer():
+    d = ProfileDomain()
+    day = timedelta(days=1)
+    erase = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q", reason="asked"), T0 + 30 * day)
+    state, _ = run(d, [reg(birthday=date(1980, 1, 20)), buy("o1", at=T0 + day)])
+    state, _ = d.tick(state, "c1", T0 + 20 * day)  # greeted for the 1997 birthday
+    state, _ = run(d, [erase], state=state)
+    again = reg(at=T0 + 60 * day, birthday=date(1990, 3, 15))
+    state, out = run(d, [again, buy("o7", at=T0 + 61 * day)], state=state)
+    assert kinds(out) == ["welcome", "first_purchase_thanks"]
+    assert state["registered_at"] == again.occurred_at.isoformat()
+    _, out = d.tick(state, "c1", T0 + 65 * day)  # 15 March 1997: their own birthday, this year
+    assert "birthday_greeting" in kinds(out)
+
+
 def test_after_erasure_later_events_bring_back_no_personal_data_and_orders_count_once():
     d = ProfileDomain()
     complaint = InteractionRecordedData(kind="complaint", channel="web", ticket_id="T-ann-1")
