@@ -59,6 +59,10 @@ class ProfileUpdatedData(CrmPayload):
     birthday: CalendarDate | None = None
     top_categories: list[ShortText] = Field(default_factory=list)
     value_tier: ValueTier | None = None
+    # When this registration began: after an erasure, a snapshot of a registration newer than the
+    # erasure is of a new customer (a snapshot's own time is its cause's, which may be later than
+    # the erasure request's without being a new registration).
+    registered_at: Timestamp | None = None
 
 
 class ProfileUpdated(CrmEvent):

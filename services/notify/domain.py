@@ -131,11 +131,13 @@ class NotifyDomain:
     def apply(self, state, event: Event, now: datetime):
         if isinstance(event, ProfileUpdated):
             if state and state.get("erased"):
-                erased_at = _ts(state.get("erased_at"))
-                if erased_at is not None and event.occurred_at <= erased_at:
-                    return state, []  # a snapshot from before the erasure, resent: nothing to keep
-                # Profile sends no snapshot of an erased customer, and both travel on crm.profile in
-                # order: this one is of a registration after the erasure, which starts over there.
+                erased_at, registered = _ts(state.get("erased_at")), event.data.registered_at
+                if erased_at is None or registered is None or registered <= erased_at:
+                    # Of the erased registration: resent, or caused by an event profile read before
+                    # the erasure (dated by that event, so maybe after the erasure request).
+                    return state, []
+                # A registration newer than the erasure: a new customer, who starts over here as in
+                # profile.
                 state = {**new_state(), "done": list(state.get("done", []))}
             st = _copy(state)
             self._project(st, event)

@@ -160,6 +160,7 @@ def snapshot(state: dict[str, Any], rules: ProfileRules) -> dict[str, Any] | Non
         "birthday": p.get("birthday"),
         "top_categories": top_categories(state, rules.top_categories),
         "value_tier": state["value_tier"],
+        "registered_at": state["registered_at"],
     }
 
 
