@@ -56,6 +56,11 @@ class RejectedError(DeliveryError):
     pass
 
 
+class UnsupportedError(DeliveryError):
+    """This provider cannot carry the message (an internationalised address without SMTPUTF8):
+    the next provider may; if none can, the address is unreachable on this channel."""
+
+
 class ExhaustedError(DeliveryError):
     """Transient errors outlasted every retry on every provider of the channel."""
 
@@ -86,6 +91,9 @@ class Provider(Protocol):
     async def send(self, msg: Outgoing) -> None: ...
 
 
+_UTF8 = email.policy.SMTPUTF8.clone(refold_source="none")
+
+
 def mime(msg: Outgoing) -> bytes:
     """A text and an HTML part, UTF-8 headers, and RFC 8058 one-click unsubscribe, as wire bytes.
 
@@ -110,7 +118,9 @@ def mime(msg: Outgoing) -> bytes:
         m["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     m.attach(MIMEText(msg.text, "plain", "utf-8"))
     m.attach(MIMEText(msg.html, "html", "utf-8"))
-    return m.as_bytes(policy=email.policy.SMTPUTF8) if utf8 else m.as_bytes()
+    # refold_source="none": long headers (the unsubscribe URL) as they are, not re-folded into
+    # encoded words that no mail client follows.
+    return m.as_bytes(policy=_UTF8) if utf8 else m.as_bytes()
 
 
 def _display(url: str) -> str:
@@ -174,9 +184,10 @@ class SmtpProvider:
             except BaseException as exc:
                 if client is not None:
                     client.close()  # after an error the session state is unknown: never reuse it
-                if options and isinstance(exc, aiosmtplib.SMTPNotSupported):
-                    # This server cannot carry the address: the customer's other channel may.
-                    raise AddressError("an internationalised address, and the server does not offer SMTPUTF8") from None
+                if options and isinstance(exc, aiosmtplib.SMTPNotSupported) and "SMTPUTF8" in str(exc):
+                    raise UnsupportedError(
+                        "an internationalised address, and this server does not offer SMTPUTF8"
+                    ) from None
                 _raise_classified(exc)
             self._idle.append(client)
 
@@ -330,6 +341,7 @@ class ChannelSender:
     async def send(self, msg: Outgoing) -> str:
         """The name of the provider that accepted it; AddressError/RejectedError/ExhaustedError otherwise."""
         last: BaseException | None = None
+        unsupported = 0
         for provider in self.providers:
             try:
                 async for attempt in AsyncRetrying(
@@ -345,6 +357,10 @@ class ChannelSender:
                 last = exc.last_attempt.exception()
                 if provider is not self.providers[-1]:
                     log.warning("%s: %s failed (%s), failing over", self.channel, provider.name, last)
+            except UnsupportedError as exc:
+                last, unsupported = exc, unsupported + 1
+        if unsupported == len(self.providers):
+            raise AddressError(f"{self.channel}: no provider can carry this address ({last})")
         raise ExhaustedError(f"{self.channel}: every provider failed; last error: {last}")
 
     def _retrying(self, provider: Provider, state) -> None:

@@ -12,12 +12,14 @@ import pytest
 
 from services.notify.channels import (
     AddressError,
+    ChannelSender,
     JsonSmsProvider,
     Outgoing,
     RejectedError,
     SmtpProvider,
     TransientError,
     TwilioSmsProvider,
+    UnsupportedError,
     _http_error,
     _raise_classified,
     make_provider,
@@ -145,3 +147,35 @@ def test_marketing_sms_say_how_to_opt_out():
     assert r.render("retention_offer", "en", ctx, sms_opt_out=True).sms.endswith("Reply STOP to opt out.")
     assert r.render("retention_offer", "zh-CN", ctx, sms_opt_out=True).sms.endswith("回复TD退订")
     assert "STOP" not in r.render("retention_offer", "en", ctx).sms
+
+
+def test_an_internationalised_address_keeps_its_headers_whole():
+    url = "https://crm.example/unsubscribe?c=cdnow-00001&ch=email&t=" + "a" * 64
+    msg = Outgoing(
+        "email", "王芳@例子.中国", "c-1", "r-1", "主题", "你好", "<p>你好</p>", "",
+        sender="Care <care@shop.example>", message_id="<r-1.email@crm.notify>", unsubscribe_url=url,
+    )  # fmt: skip
+    parsed = message_from_bytes(mime(msg), policy=default_policy)
+    assert parsed["To"] == "王芳@例子.中国" and parsed["Subject"] == "主题"
+    assert parsed["List-Unsubscribe"] == f"<{url}>"  # not folded into encoded words
+
+
+class _Provider:
+    def __init__(self, name, error=None):
+        self.name, self.error, self.calls = name, error, 0
+
+    async def send(self, msg):
+        self.calls += 1
+        if self.error is not None:
+            raise self.error
+
+
+async def test_a_provider_that_cannot_carry_an_address_fails_over_and_none_can_is_an_address_error():
+    msg = Outgoing("email", "王芳@例子.中国", "c-1", "r-1", "s", "t", "h", "")
+    plain, able = _Provider("plain", UnsupportedError("no SMTPUTF8")), _Provider("able")
+    sender = ChannelSender("email", [plain, able], attempts=3, base_delay=0.0, max_delay=0.0)
+    assert await sender.send(msg) == "able" and plain.calls == 1
+    neither = ChannelSender("email", [plain, _Provider("other", UnsupportedError("no SMTPUTF8"))],
+                            attempts=3, base_delay=0.0, max_delay=0.0)  # fmt: skip
+    with pytest.raises(AddressError, match="no provider can carry"):
+        await neither.send(msg)
