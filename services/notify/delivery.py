@@ -214,8 +214,6 @@ class Deliverer:
             if not parts:
                 return False
             if host.store.schedule.stale:  # a new assignment: the previous owner may not have flushed
-                host.store.schedule.stale = False
-                self._rebuild_all = True
                 async with host.pipeline.lock:
                     # Notify has no time-driven sweep, which does both of these for the other
                     # services: start the clock where the last owner left it (under event time,
@@ -225,6 +223,9 @@ class Deliverer:
                     await host.pipeline.seed_clock()
                     if flushed := await host.pipeline.flush_outboxes(host.owns):
                         log.warning("published %d events a crash had left in stored outboxes", flushed)
+                # Only now: a flush that failed is tried again by the next round.
+                host.store.schedule.stale = False
+                self._rebuild_all = True
             if time.monotonic() - self._last_rebuild > self.rebuild_interval_s:
                 self._rebuild_all = True  # also heals a Redis that lost recent writes but kept the marker
             await self.flush()
@@ -288,7 +289,6 @@ class Deliverer:
                         doc.take(state, derived)
                         result.derived.extend(derived)
                 jobs = [(doc, job) for cid, doc in docs.items() for job in domain.queued(doc.state, cid)]
-                snapshots = {doc.customer_id: doc.state for doc, _ in jobs}
                 self._refresh_due(docs, ids, now)
                 await self._write(docs, result, dead)
             except Exception:
@@ -298,7 +298,7 @@ class Deliverer:
 
         limit = asyncio.Semaphore(self.concurrency)
 
-        async def send(job: Job) -> Sent | Failed | None:
+        async def send(doc: CustomerDoc, job: Job) -> Sent | Failed | None:
             async with limit:
                 if getattr(host.revoke_guard, "wanted", False):
                     # A stop or a rebalance waits for this round: what has not started stays queued
@@ -306,12 +306,18 @@ class Deliverer:
                     # round ends with what it sent recorded, instead of being cancelled with the
                     # outcomes unwritten and those messages sent again.
                     return None
-                return await self.send(snapshots[job.customer_id], job, now)
+                if not domain.pending(doc.state, job):
+                    # Decided again while it waited for a slot (an erasure, a consent change, a
+                    # stop's successor): that decision stands, and it was announced by its batch.
+                    return None
+                # Out from here on: batches leave it to its outcome. The document as it is now
+                # (the object batches update), so an address changed meanwhile is the one used.
+                domain.in_flight.add(job.request_id)
+                return await self.send(doc.state, job, now)
 
         out = {job.request_id for _, job in jobs}
-        domain.in_flight |= out  # batches meanwhile leave these jobs to their outcome
         try:
-            outcomes = await asyncio.gather(*(send(job) for _, job in jobs))
+            outcomes = await asyncio.gather(*(send(doc, job) for doc, job in jobs))
             await self._record_round(jobs, outcomes, ids, now, epoch)
         finally:
             # Outcomes not written yet stay out until the next round records them.

@@ -159,6 +159,7 @@ class ServiceHost:
         self._failing = False
         self._stop = asyncio.Event()
         self._warm_needed = False  # set by an assignment; the next batch or sweep fills the cache
+        self._reassigning = False  # from a revocation to the next assignment
         self.pipeline.before_batch = self._warm_cache
 
     async def _refresh_lag(self) -> None:
@@ -186,9 +187,11 @@ class ServiceHost:
 
     def _on_revoke(self) -> None:
         self.assignment_epoch += 1
+        self._reassigning = True
         self.store.drop_cache()
 
     def _on_assign(self) -> None:
+        self._reassigning = False
         self.store.schedule.stale = True
         self._warm_needed = True
         forget = getattr(self.clock, "forget_sources", None)
@@ -237,7 +240,9 @@ class ServiceHost:
 
     def owned_partitions(self) -> set[int]:
         consumer = getattr(self.subscriber, "consumer", None)
-        if consumer is None:
+        if consumer is None or self._reassigning:
+            # Between a revocation and the next assignment the consumer still reports the old
+            # partitions: work outside batches (notify's rounds) must not take them for ours.
             return set()
         return {tp.partition for tp in consumer.assignment() if tp.topic == self._home_topic}
 
