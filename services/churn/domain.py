@@ -199,14 +199,16 @@ class ChurnDomain:
 
     def _handle(self, st: dict[str, Any], event: Event) -> list[Event]:
         """Apply one event to `st` (a copy), after the time-driven work that fell due before it."""
+        # What fell due before the event happens first, as of its own time: a step due before a new
+        # value or loyalty tier uses the tier in force then, whether or not a sweep got there first.
+        before = self._catch_up(st, event.customer_id, event.occurred_at)
         if isinstance(event, ProfileUpdated):
             st["value_tier"] = event.data.value_tier
             st["top_categories"] = list(event.data.top_categories)
-            return []
+            return before
         if isinstance(event, TierChanged):
             st["loyalty_tier"] = event.data.to_tier
-            return []
-        before = self._catch_up(st, event.customer_id, event.occurred_at)
+            return before
         if isinstance(event, PurchaseCompleted):
             return before + self._purchase(st, event)
         return before + self._interaction(st, event)
@@ -252,7 +254,13 @@ class ChurnDomain:
             )
             ladder.update(step=0, at_risk_since=None, step_at=None)
         _trim(st, _newest_day(st, day), self.ladder.history_days)
-        return derived + self._reassess(st, event.customer_id, _not_before_last(st, event.occurred_at), cause=event)
+        derived += self._reassess(st, event.customer_id, _not_before_last(st, event.occurred_at), cause=event)
+        if ladder["step"] > 0 and st["risk"]["band"] not in AT_RISK:
+            # A purchase read late, dated before the customer was judged at risk, that takes them out
+            # of risk: the episode was a mistake of the missing purchase, not a win-back. Ended, so a
+            # later drift starts a new one with its own first step.
+            ladder.update(step=0, at_risk_since=None, step_at=None)
+        return derived
 
     def _interaction(self, st: dict[str, Any], event: InteractionRecorded) -> list[Event]:
         key = _day(event.occurred_at).isoformat()

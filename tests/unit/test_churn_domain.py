@@ -499,3 +499,59 @@ def test_held_events_keep_no_personal_data_and_erasure_drops_them():
     erasure = ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="r1", reason="asked"), T0)
     erased, _ = d.apply(state, erasure, early)
     assert erased["held"] == [] and erased["erased"]
+
+
+def _walk(domain, state, start, end):
+    """Every due point from `start` to `end`, as a punctual sweep; what came of them."""
+    out, now = [], start
+    while (due := domain.due(state, now)) is not None and max(due, now) <= end:
+        now = max(due, now)
+        state, derived = domain.tick(state, "c1", now)
+        out += derived
+        now += timedelta(minutes=1)
+    return state, out
+
+
+def test_a_late_purchase_that_takes_a_customer_out_of_risk_ends_the_episode():
+    d = ChurnDomain(bootstrap_model())
+    tier = ev(ProfileUpdated, ProfileUpdatedData(value_tier="medium", top_categories=["jazz"]), T0)
+    state, _ = run(d, [tier, *monthly()])
+    last = T0 + timedelta(days=210)
+    state, _ = _walk(d, state, last, last + timedelta(days=100))
+    assert state["ladder"]["step"] >= 1  # the care step went out
+    since = datetime.fromisoformat(state["ladder"]["at_risk_since"])
+    # Read now, dated before the customer was judged at risk: no win-back, and the episode is over.
+    state, out = d.apply(
+        state, buy(order="late", total="25.00", at=since - timedelta(days=2)), last + timedelta(days=100)
+    )
+    assert state["risk"]["band"] == "low" and state["ladder"]["step"] == 0
+    assert not [e for e in out if e.type == "CustomerWonBack"]
+    # The next drift starts a new episode with its own first step, the care.
+    _, out = _walk(d, state, last + timedelta(days=100), last + timedelta(days=300))
+    steps = [e.data.kind for e in out if e.type == "RetentionRequested"]
+    assert steps and steps[0] == "care"
+
+
+def test_a_tier_update_read_before_the_sweep_does_not_change_a_step_due_before_it():
+    d = ChurnDomain(bootstrap_model())
+    low = ev(ProfileUpdated, ProfileUpdatedData(value_tier="low", top_categories=["jazz"]), T0)
+    state, _ = run(d, [low, *monthly()])
+    now = T0 + timedelta(days=210)
+    while state["ladder"]["step"] < 1:
+        now = d.due(state, now)
+        state, _ = d.tick(state, "c1", now)
+    offer_due = d.due(state, now)
+    vip = ev(
+        ProfileUpdated, ProfileUpdatedData(value_tier="vip", top_categories=["jazz"]), offer_due + timedelta(days=3)
+    )
+
+    def offers(events):
+        return [
+            (e.occurred_at, e.data.template_data["offer_percent"]) for e in events if e.type == "RetentionRequested"
+        ]
+
+    punctual, first = d.tick(state, "c1", offer_due)
+    punctual, then = d.apply(punctual, vip, vip.occurred_at)
+    late, before = d.apply(state, vip, vip.occurred_at)  # read before the sweep reached the offer
+    late, after = d.tick(late, "c1", vip.occurred_at)
+    assert offers(first + then) == offers(before + after) and len(offers(before + after)) == 1
