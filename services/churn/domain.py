@@ -112,6 +112,8 @@ def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
     st["touches"] = {d: n for d, n in st["touches"].items() if d >= cutoff}
     issue_cutoff = (today - timedelta(days=ISSUE_DAYS)).isoformat()
     st["complaints"] = [d for d in st["complaints"] if d >= issue_cutoff]
+    if st.get("open_tickets"):
+        st["open_tickets"] = {t: d for t, d in st["open_tickets"].items() if d >= issue_cutoff}
     st["low_scores"] = [d for d in st["low_scores"] if d >= issue_cutoff]
 
 
@@ -265,12 +267,26 @@ class ChurnDomain:
     def _interaction(self, st: dict[str, Any], event: InteractionRecorded) -> list[Event]:
         key = _day(event.occurred_at).isoformat()
         st["touches"][key] = st["touches"].get(key, 0) + 1
-        if event.data.kind == "complaint" and event.data.ticket_status != "resolved":
-            st["complaints"].append(key)
+        self._complaint(st, event.data, key)
         if event.data.score is not None and event.data.score <= LOW_SCORE:
             st["low_scores"].append(key)
         _trim(st, _newest_day(st, _day(event.occurred_at)), self.ladder.history_days)
         return self._reassess(st, event.customer_id, _not_before_last(st, event.occurred_at), cause=event)
+
+    @staticmethod
+    def _complaint(st: dict[str, Any], d, day: str) -> None:
+        """Open complaints count, once per ticket: a ticket's resolution takes its complaint back
+        out, and more messages about an open ticket add none. Tickets are kept as digests."""
+        tickets = st.setdefault("open_tickets", {})
+        ticket = hashlib.sha256(d.ticket_id.encode()).hexdigest()[:16] if d.ticket_id else None
+        if d.ticket_status == "resolved":
+            opened = tickets.pop(ticket, None) if ticket else None
+            if opened in st["complaints"]:
+                st["complaints"].remove(opened)
+        elif d.kind == "complaint" and (ticket is None or ticket not in tickets):
+            st["complaints"].append(day)
+            if ticket is not None:
+                tickets[ticket] = day
 
     # --- time ---------------------------------------------------------------------------------
 

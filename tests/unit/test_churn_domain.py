@@ -555,3 +555,19 @@ def test_a_tier_update_read_before_the_sweep_does_not_change_a_step_due_before_i
     late, before = d.apply(state, vip, vip.occurred_at)  # read before the sweep reached the offer
     late, after = d.tick(late, "c1", vip.occurred_at)
     assert offers(first + then) == offers(before + after) and len(offers(before + after)) == 1
+
+
+def test_an_open_complaint_counts_once_and_its_resolution_takes_it_back():
+    d = ChurnDomain(bootstrap_model())
+    day = timedelta(days=1)
+
+    def about(ticket, at, status=None):
+        data = InteractionRecordedData(kind="complaint", channel="web", ticket_id=ticket, ticket_status=status)
+        return ev(InteractionRecorded, data, at)
+
+    last = T0 + timedelta(days=210)
+    state, _ = run(d, [*monthly(), about("TKT-42", last + day), about("TKT-42", last + 2 * day)])
+    assert len(state["complaints"]) == 1 and "1 complaint in the last 180 days" in state["risk"]["reasons"]
+    state, _ = d.apply(state, about("TKT-42", last + 3 * day, "resolved"), last + 3 * day)
+    assert state["complaints"] == [] and not any("complaint" in r for r in state["risk"]["reasons"])
+    assert "TKT-42" not in json.dumps(state)  # tickets are kept as digests
