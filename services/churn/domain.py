@@ -38,7 +38,7 @@ from contracts.crm import (
 from contracts.shop import CustomerErasureRequested, InteractionRecorded, PurchaseCompleted
 from services.churn.assess import AT_RISK, Assessment, Assessor, BandRules
 from services.churn.model import RiskModel
-from services.churn.signals import ISSUE_DAYS, History
+from services.churn.signals import ISSUE_DAYS, WINDOW_DAYS, History
 from services.runtime.held import first_due, hold, take_ready
 
 PRODUCER = "churn"
@@ -104,13 +104,20 @@ ASSESSORS_KEPT = 64
 
 
 def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
-    """Keep `keep_days` of history, and the newest older purchase day (recency at an earlier split needs it)."""
-    cutoff = (today - timedelta(days=keep_days)).isoformat()
+    """Keep `keep_days` of history, and the newest older purchase day (recency at an earlier split needs it).
+
+    Never what an assessment still reads: the baseline is scored at the last purchase day and a
+    refit scores WINDOW_DAYS before its day, each looking two windows (and ISSUE_DAYS) back. Trimmed
+    by a later, unrelated interaction, a complaint the baseline counted moved the band."""
+    last = max(st["spend"]) if st["spend"] else today.isoformat()
+    scored = min(date.fromisoformat(last), today - timedelta(days=WINDOW_DAYS))
+    needed = scored - timedelta(days=max(ISSUE_DAYS, 2 * WINDOW_DAYS))
+    cutoff = min(today - timedelta(days=keep_days), needed).isoformat()
     old = sorted(d for d in st["spend"] if d < cutoff)
     for d in old[:-1]:
         del st["spend"][d]
     st["touches"] = {d: n for d, n in st["touches"].items() if d >= cutoff}
-    issue_cutoff = (today - timedelta(days=ISSUE_DAYS)).isoformat()
+    issue_cutoff = needed.isoformat()
     st["complaints"] = [d for d in st["complaints"] if d >= issue_cutoff]
     if st.get("open_tickets"):
         st["open_tickets"] = {t: d for t, d in st["open_tickets"].items() if d >= issue_cutoff}

@@ -20,7 +20,7 @@ from contracts.shop import (
     InteractionRecordedData,
 )
 from services.churn import bgnbd
-from services.churn.assess import BandRules, band_for
+from services.churn.assess import Assessor, BandRules, band_for
 from services.churn.bootstrap import bootstrap_model
 from services.churn.domain import ChurnDomain, history
 from services.churn.model import auc
@@ -571,3 +571,24 @@ def test_an_open_complaint_counts_once_and_its_resolution_takes_it_back():
     state, _ = d.apply(state, about("TKT-42", last + 3 * day, "resolved"), last + 3 * day)
     assert state["complaints"] == [] and not any("complaint" in r for r in state["risk"]["reasons"])
     assert "TKT-42" not in json.dumps(state)  # tickets are kept as digests
+
+
+def test_a_later_interaction_trims_nothing_the_baseline_still_reads():
+    d = ChurnDomain(bootstrap_model())
+    quarterly = [buy(order=f"o{i}", total="25.00", at=T0 + timedelta(days=90 * i)) for i in range(5)]
+    last = T0 + timedelta(days=360)
+    complaint = ev(
+        InteractionRecorded, InteractionRecordedData(kind="complaint", channel="phone"), last - timedelta(days=10)
+    )
+    state, _ = run(d, [*quarterly[:4], complaint, quarterly[4]])
+    later = last + timedelta(days=175)
+    view = ev(InteractionRecorded, InteractionRecordedData(kind="page_view", channel="web"), later)
+    viewed, _ = d.apply(state, view, later)
+    # The complaint is 185 days older than the page view, but the baseline, scored at the last
+    # purchase, counts it: it stays, and the page view changes the history by its touch alone.
+    assert viewed["complaints"] == state["complaints"] == [(last - timedelta(days=10)).date().isoformat()]
+    untrimmed = copy.deepcopy(state)
+    untrimmed["touches"][later.date().isoformat()] = 1
+    for day in (later.date(), later.date() + timedelta(days=30)):
+        a, b = (Assessor(MODEL, history(st), RULES).assess(day, None) for st in (viewed, untrimmed))
+        assert (a.score, a.band, a.reasons) == (b.score, b.band, b.reasons)
