@@ -224,6 +224,28 @@ def _order_key(st: dict[str, Any], order_id: str) -> str:
     return _digest(order_id) if _ids_digested(st) else order_id
 
 
+def _net_refund(st, order: dict[str, Any], refund_key: str, amount: Decimal, currency: str, order_id: str) -> Decimal:
+    """Net a refund from a kept order (capped at what is left of it, proportionally from its
+    categories); the amount that counts."""
+    total = Decimal(order["t"])
+    amount = min(amount, max(total - Decimal(order["r"]), ZERO))  # a refund never exceeds what was paid
+    order["refunds"].append(refund_key)
+    if total > 0 and order["c"] == currency:
+        share = amount / total
+        for cat, cat_amount in order["cats"].items():
+            c = st["categories"].get(cat)
+            if c is not None and currency in c["s"]:
+                c["s"][currency] = str(max(Decimal(c["s"][currency]) - Decimal(cat_amount) * share, ZERO))
+    was_open = Decimal(order["r"]) < total
+    order["r"] = str(Decimal(order["r"]) + amount)
+    if was_open and Decimal(order["r"]) >= total:
+        of_order = st["spend"][order["c"]]
+        of_order["refunded_orders"] = of_order.get("refunded_orders", 0) + 1
+        # No satisfaction survey about an order the customer returned.
+        _drop_purchase_followup(st, order_id)
+    return amount
+
+
 def _drop_followup(st: dict[str, Any]) -> None:
     st["care"]["followup"] = None
     st["due"].pop("followup", None)
@@ -469,6 +491,11 @@ class ProfileDomain:
             "r": "0",
             "refunds": [],
         }
+        for refund_key, amount, currency in st.get("loose_refunds", {}).pop(key, ()):
+            # Refunded before it was bought (dated so): netted now, as if it had come after.
+            applied = _net_refund(st, st["orders"][key], refund_key, Decimal(amount), currency, d.order_id)
+            refunded = st["spend"].setdefault(currency, _new_spend())
+            refunded["refunded"] = str(Decimal(refunded["refunded"]) + applied)
         if len(st["orders"]) > self.rules.orders_kept:
             del st["orders"][next(iter(st["orders"]))]
         self._remember(st, ev, f"order {d.order_id}: {sum(x.quantity for x in d.lines)} items, {d.total} {d.currency}")
@@ -478,33 +505,38 @@ class ProfileDomain:
         if not st["care"]["thanked"]:
             st["care"]["thanked"] = True
             out.append(self._care(ev, "first_purchase_thanks", "transactional", st, template))
-        self._plan_followup(st, ev, at, "purchase", d.order_id, force=False)
+        order = st["orders"].get(key)
+        if order is None or Decimal(order["r"]) < Decimal(order["t"]):  # no survey about a returned order
+            self._plan_followup(st, ev, at, "purchase", d.order_id, force=False)
 
     def _refund(self, st, ev: PurchaseRefunded, now, out) -> None:
         d = ev.data
-        order = st["orders"].get(_order_key(st, d.order_id))
+        order_key, refund_key = _order_key(st, d.order_id), _order_key(st, d.refund_id)
+        order = st["orders"].get(order_key)
         amount = d.amount
-        refund_key = _order_key(st, d.refund_id)
         if order is not None:
             if refund_key in order["refunds"]:
                 return
-            remaining = Decimal(order["t"]) - Decimal(order["r"])
-            amount = min(amount, max(remaining, ZERO))  # a refund never exceeds what was paid
-            order["refunds"].append(refund_key)
-            total = Decimal(order["t"])
-            if total > 0 and order["c"] == d.currency:
-                share = amount / total
-                for cat, cat_amount in order["cats"].items():
-                    c = st["categories"].get(cat)
-                    if c is not None and d.currency in c["s"]:
-                        c["s"][d.currency] = str(max(Decimal(c["s"][d.currency]) - Decimal(cat_amount) * share, ZERO))
-            was_open = Decimal(order["r"]) < total
-            order["r"] = str(Decimal(order["r"]) + amount)
-            if was_open and Decimal(order["r"]) >= total:
-                of_order = st["spend"][order["c"]]
-                of_order["refunded_orders"] = of_order.get("refunded_orders", 0) + 1
-                # No satisfaction survey about an order the customer returned.
-                _drop_purchase_followup(st, d.order_id)
+            if order["c"] != d.currency:
+                # Not this order's money: netting it would mark the order refunded and refund a
+                # currency the customer never paid in. Noted, not counted.
+                self._remember(
+                    st, ev, f"refund {d.refund_id} in {d.currency} of order {d.order_id} in {order['c']}: not counted"
+                )
+                return
+            amount = _net_refund(st, order, refund_key, amount, d.currency, d.order_id)
+        else:
+            # An order this profile does not know: bought before the CRM went live (or more than
+            # `orders_kept` orders ago), or dated after its refund. Its amount is not in spend, so
+            # the refund takes nothing from it; kept once per refund id, it is netted from the
+            # order if its purchase comes after all.
+            loose = st.setdefault("loose_refunds", {})
+            if not any(r[0] == refund_key for r in loose.get(order_key, ())):
+                loose[order_key] = [*loose.get(order_key, ()), [refund_key, str(amount), d.currency]]
+                while len(loose) > self.rules.orders_kept:
+                    del loose[next(iter(loose))]
+                self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id} (not known): {amount} {d.currency}")
+            return
         spend = st["spend"].setdefault(d.currency, _new_spend())
         spend["refunded"] = str(Decimal(spend["refunded"]) + amount)
         self._remember(st, ev, f"refund {d.refund_id} on order {d.order_id}: {amount} {d.currency}")
@@ -563,6 +595,10 @@ class ProfileDomain:
         if not _ids_digested(st):
             st["orders"] = {
                 _digest(k): {**v, "refunds": [_digest(r) for r in v["refunds"]]} for k, v in st["orders"].items()
+            }
+            st["loose_refunds"] = {
+                _digest(k): [[_digest(r), amount, cur] for r, amount, cur in v]
+                for k, v in st.get("loose_refunds", {}).items()
             }
             st["ids_digested"] = True
         st["details_at"] = {}

@@ -636,3 +636,18 @@ def test_the_service_logs_and_counts_what_could_not_be_applied(caplog):
     unapplied("InteractionRecorded", "e1", "ValueError: a bug")
     assert registry.get_sample_value("crm_profile_events_unapplied_total", {"type": "InteractionRecorded"}) == 1
     assert "e1 could not be applied" in caplog.text
+
+
+def test_a_refund_of_an_order_not_known_takes_nothing_from_spend_until_its_purchase_comes():
+    d = ProfileDomain()
+    hour = timedelta(hours=1)
+    # Dated an hour before its order: applied first in event time, then netted from the order.
+    state, _ = run(d, [reg(), refund("o1", "30.00", "r1", at=T0), buy("o1", total="30.00", at=T0 + hour)])
+    assert net_spend(state, "USD") == 0 and state["spend"]["USD"]["refunded_orders"] == 1
+    assert state["care"]["followup"] is None  # no survey about a returned order
+    # The same refund resent under a new event id is not counted again.
+    state, _ = run(d, [refund("o1", "30.00", "r1", at=T0)], state=state)
+    assert Decimal(state["spend"]["USD"]["refunded"]) == Decimal("30.00")
+    # A refund of an order from before the CRM went live does not hide what was bought since.
+    state, _ = run(d, [reg(), buy("o2", total="30.00"), refund("old", "500.00", "r9", at=T0 + hour)])
+    assert net_spend(state, "USD") == Decimal("30.00")
