@@ -141,7 +141,10 @@ def cadence(state: dict[str, Any], rules: ProfileRules) -> float:
     first, last = _ts(p["first"]), _ts(p["last"])
     if first is None or last is None:
         return rules.lifecycle.default_cadence_days
-    return lifecycle.cadence_days(first.toordinal(), last.toordinal(), p["days"], rules.lifecycle)
+    # Local days, as `days` counts them: two purchases on two local days of one UTC date are a day apart.
+    zone = _zone(state)
+    first_day, last_day = first.astimezone(zone).toordinal(), last.astimezone(zone).toordinal()
+    return lifecycle.cadence_days(first_day, last_day, p["days"], rules.lifecycle)
 
 
 def snapshot(state: dict[str, Any], rules: ProfileRules) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from zoneinfo import ZoneInfo
 
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -47,7 +48,7 @@ class ProfileStore(LookupStateStore):
         rows = []
         earliest = now
         query = {"s.purchases.last": {"$ne": None}}
-        async for d in self.collection.find(query, {"s.purchases": 1, "s.spend": 1}):
+        async for d in self.collection.find(query, {"s.purchases": 1, "s.spend": 1, "s.profile.timezone": 1}):
             s = d.get("s") or {}
             p = s.get("purchases") or {}
             if not p.get("last"):
@@ -62,7 +63,8 @@ class ProfileStore(LookupStateStore):
             first = datetime.fromisoformat(p["first"]) if p.get("first") else last
             earliest = min(earliest, first)
             if n >= 2:
-                gap = (last.toordinal() - first.toordinal()) / (n - 1)
+                zone = ZoneInfo((s.get("profile") or {}).get("timezone") or "UTC")  # local days, as `days` counts them
+                gap = (last.astimezone(zone).toordinal() - first.astimezone(zone).toordinal()) / (n - 1)
             rows.append(rfm.PopulationRow(days, n, cur, float(net_spend(s, cur)), gap))
         return rows, (now - earliest).total_seconds() / 86400
 

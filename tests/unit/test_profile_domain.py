@@ -668,3 +668,13 @@ def test_after_erasure_no_order_or_ticket_id_waits_in_the_state():
     state, _ = d.apply(state, complaint, T0 + timedelta(days=1))
     dumped = json.dumps(state, default=str)
     assert "SECRET" not in dumped and state["purchases"]["orders"] == 1
+
+
+def test_cadence_counts_the_customers_local_days():
+    d = ProfileDomain()
+    # 19:00 and 01:00 in Tokyo: two local days, one UTC date.
+    tokyo = reg(at=datetime(2024, 1, 1, tzinfo=UTC), timezone="Asia/Tokyo")
+    state, _ = run(d, [tokyo, buy("a", at=datetime(2024, 1, 1, 10, tzinfo=UTC)),
+                       buy("b", at=datetime(2024, 1, 1, 16, tzinfo=UTC))])  # fmt: skip
+    assert state["purchases"]["days"] == 2
+    assert domain_module.cadence(state, d.rules) == 1.0
