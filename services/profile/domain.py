@@ -287,9 +287,7 @@ class ProfileDomain:
         if type(event) not in _HANDLERS:
             return state, []  # e.g. redemption requests: loyalty's business
         before = state or new_state()
-        # An erased customer's events ask for no care and change only aggregates, whose order does
-        # not matter: applied at once, so no order or ticket id waits in the state unhashed.
-        if isinstance(event, WAITING) and event.occurred_at > now and not before.get("erased_at"):
+        if isinstance(event, WAITING) and event.occurred_at > now:
             # Under event time, purchases, refunds and interactions wait until the clock has passed
             # them (every partition read that far), and `tick` applies them in event-time order:
             # they travel on two topics, and a follow-up depends on their order (a complaint

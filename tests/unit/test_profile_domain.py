@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -652,22 +651,6 @@ def test_a_refund_of_an_order_not_known_takes_nothing_from_spend_until_its_purch
     # A refund of an order from before the CRM went live does not hide what was bought since.
     state, _ = run(d, [reg(), buy("o2", total="30.00"), refund("old", "500.00", "r9", at=T0 + hour)])
     assert net_spend(state, "USD") == Decimal("30.00")
-
-
-def test_after_erasure_no_order_or_ticket_id_waits_in_the_state():
-    d = ProfileDomain()
-    erase = _ev(CustomerErasureRequested, CustomerErasureRequestedData(request_id="q", reason="asked"), T0)
-    state, _ = run(d, [reg(), erase])
-    ahead = buy("ORDER-SECRET-42", at=T0 + timedelta(days=2))  # read while the clock is behind it
-    complaint = _ev(
-        InteractionRecorded,
-        InteractionRecordedData(kind="complaint", channel="web", ticket_id="TICKET-SECRET-7"),
-        T0 + timedelta(days=3),
-    )
-    state, _ = d.apply(state, ahead, T0 + timedelta(days=1))
-    state, _ = d.apply(state, complaint, T0 + timedelta(days=1))
-    dumped = json.dumps(state, default=str)
-    assert "SECRET" not in dumped and state["purchases"]["orders"] == 1
 
 
 def test_cadence_counts_the_customers_local_days():
