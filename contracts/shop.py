@@ -89,7 +89,7 @@ class CustomerRegistered(Event):
 class CustomerUpdatedData(Payload):
     """Any subset of the registration fields except consents (they change through ConsentChanged).
     A field sent as null is cleared; locale, timezone and preferred channel go back to the
-    registration's defaults, and a name cannot be cleared."""
+    registration's defaults, and a null name changes nothing."""
 
     name: ShortText | None = None
     email: Email | None = None
@@ -105,8 +105,6 @@ class CustomerUpdatedData(Payload):
     def _not_empty(self) -> CustomerUpdatedData:
         if not self.model_fields_set:
             raise ValueError("CustomerUpdated must change at least one field")
-        if "name" in self.model_fields_set and self.name is None:
-            raise ValueError("a customer's name cannot be cleared")
         return self
 
 

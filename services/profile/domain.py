@@ -190,6 +190,7 @@ def _differs(new: dict[str, Any], old: dict[str, Any] | None) -> bool:
 
 CONTACT_FIELDS = ("name", "email", "phone")
 PROFILE_FIELDS = ("birthday", "gender", "locale", "timezone", "preferred_channel", "referred_by")
+PRUNED_ORDERS_KEPT = 1000  # keys of orders no longer kept, so that their refunds still count
 TICKETS_KEPT = 50  # resolved ticket ids remembered, so a resent resolution plans no second follow-up
 # What an update that clears these fields sets them to: a registration's own defaults.
 REGISTRATION_DEFAULTS = {
@@ -445,6 +446,8 @@ class ProfileDomain:
             value = getattr(d, name)
             if value is None and name in REGISTRATION_DEFAULTS:
                 value = REGISTRATION_DEFAULTS[name]  # cleared: back to what a registration without it gets
+            if value is None and name == "name":
+                continue  # a customer keeps a name: null changes nothing
             if name in CONTACT_FIELDS:
                 st["contact"][name] = value
             elif name == "birthday":
@@ -495,12 +498,17 @@ class ProfileDomain:
             "refunds": [],
         }
         for refund_key, amount, currency in st.get("loose_refunds", {}).pop(key, ()):
+            if currency != d.currency:
+                continue  # not this order's money: not counted (noted when it was read)
             # Refunded before it was bought (dated so): netted now, as if it had come after.
             applied = _net_refund(st, st["orders"][key], refund_key, Decimal(amount), currency, d.order_id)
             refunded = st["spend"].setdefault(currency, _new_spend())
             refunded["refunded"] = str(Decimal(refunded["refunded"]) + applied)
         if len(st["orders"]) > self.rules.orders_kept:
-            del st["orders"][next(iter(st["orders"]))]
+            pruned = next(iter(st["orders"]))
+            del st["orders"][pruned]
+            # Its amount stays in spend: a later refund of it is still taken from spend.
+            st["pruned_orders"] = [*st.get("pruned_orders", ()), pruned][-PRUNED_ORDERS_KEPT:]
         self._remember(st, ev, f"order {d.order_id}: {sum(x.quantity for x in d.lines)} items, {d.total} {d.currency}")
         if st.get("erased_at"):
             return
@@ -517,7 +525,12 @@ class ProfileDomain:
         order_key, refund_key = _order_key(st, d.order_id), _order_key(st, d.refund_id)
         order = st["orders"].get(order_key)
         amount = d.amount
-        if order is not None:
+        if order is None and order_key in st.get("pruned_orders", ()):
+            # An order counted long ago and no longer kept: its refund reduces spend only, once.
+            if refund_key in st.get("pruned_refunds", ()):
+                return
+            st["pruned_refunds"] = [*st.get("pruned_refunds", ()), refund_key][-PRUNED_ORDERS_KEPT:]
+        elif order is not None:
             if refund_key in order["refunds"]:
                 return
             if order["c"] != d.currency:
@@ -636,10 +649,13 @@ class ProfileDomain:
                 history = sorted([*st["consent_history"], entry], key=lambda h: _ts(h["at"]))
                 st["consent_history"] = history[-self.rules.consent_history_kept :]
             return
-        if current is not None and current["granted"] == granted and at == _ts(current["at"]):
-            return  # the statement in force, again
-        # A newer statement moves the consent's time even when it says the same: a revocation that
-        # confirms an earlier one must still outrank a grant dated between them and read late.
+        if current is not None and current["granted"] == granted:
+            if at > _ts(current["at"]):
+                # A newer statement that says the same moves the consent's time: a revocation that
+                # confirms an earlier one must still outrank a grant dated between them and read
+                # late. The history keeps the statement that made the change (its evidence).
+                st["consent"][channel] = {**current, "at": at.isoformat(), "confirmed_by": source}
+            return
         st["consent"][channel] = {"granted": granted, "at": at.isoformat(), "source": source}
         st["consent_history"] = [*st["consent_history"], entry][-self.rules.consent_history_kept :]
 
@@ -726,9 +742,11 @@ class ProfileDomain:
             not_before=at,
             not_after=end_of_local_day(at),
         )
-        out.append(
-            scheduled(CareRequested, customer_id, data, producer=PRODUCER, occasion=f"birthday/{year}", occurred_at=at)
-        )
+        # A registration after an erasure is a new customer: their greeting of a year the erased one
+        # was greeted in must not share its id (notify would drop it as a redelivery).
+        again = f"{st['registered_at']}/" if st.get("ids_digested") and st.get("registered_at") else ""
+        occasion = f"birthday/{again}{year}"
+        out.append(scheduled(CareRequested, customer_id, data, producer=PRODUCER, occasion=occasion, occurred_at=at))
         self._plan_birthday(st, at)
 
     def _evaluate(self, st, before, now: datetime, out, make) -> None:
