@@ -616,6 +616,8 @@ class ProfileDomain:
                 _digest(k): [[_digest(r), amount, cur] for r, amount, cur in v]
                 for k, v in st.get("loose_refunds", {}).items()
             }
+            for ids in ("pruned_orders", "pruned_refunds"):
+                st[ids] = [_digest(k) for k in st.get(ids, ())]
             st["ids_digested"] = True
         st["details_at"] = {}
         st["complaints"]["open"] = []
