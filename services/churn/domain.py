@@ -111,7 +111,9 @@ def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
     by a later, unrelated interaction, a complaint the baseline counted moved the band."""
     last = max(st["spend"]) if st["spend"] else today.isoformat()
     scored = min(date.fromisoformat(last), today - timedelta(days=WINDOW_DAYS))
-    needed = scored - timedelta(days=max(ISSUE_DAYS, 2 * WINDOW_DAYS))
+    # Bounded all the same: a customer who stopped buying years ago but keeps interacting would
+    # otherwise keep every interaction for good.
+    needed = max(scored - timedelta(days=max(ISSUE_DAYS, 2 * WINDOW_DAYS)), today - timedelta(days=2 * keep_days))
     cutoff = min(today - timedelta(days=keep_days), needed).isoformat()
     old = sorted(d for d in st["spend"] if d < cutoff)
     for d in old[:-1]:

@@ -253,8 +253,9 @@ class ServiceHost:
 
     async def sweep_once(self) -> int:
         """Tick every owned customer whose due time has come (clock time); returns how many."""
-        consumer = getattr(self.subscriber, "consumer", None)
-        if consumer is None or not consumer.assignment():
+        if not self.owned_partitions():
+            # Nothing owned, or between a revocation and the next assignment: a schedule rebuilt
+            # now would own nobody, and the assignment's own rebuild would be lost to it.
             return 0
         store, total = self.store, 0
         try:
