@@ -103,6 +103,11 @@ BAND_CHANGE_MEMO = 200_000
 ASSESSORS_KEPT = 64
 
 
+def _digest(value: str) -> str:
+    """How an order or ticket id is kept: pseudonymous, enough to recognise it again."""
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
 def _trim(st: dict[str, Any], today: date, keep_days: int) -> None:
     """Keep `keep_days` of history, and the newest older purchase day (recency at an earlier split needs it).
 
@@ -235,7 +240,7 @@ class ChurnDomain:
     def _purchase(self, st: dict[str, Any], event: PurchaseCompleted) -> list[Event]:
         # The same order under a new event id (a shop resend): counted once, as profile and loyalty
         # do. Counted twice, it doubled the day's spend and "won back" a customer who had not come.
-        digest = hashlib.sha256(event.data.order_id.encode()).hexdigest()[:16]
+        digest = _digest(event.data.order_id)
         if digest in st.get("orders", ()):
             return []
         st["orders"] = [*st.get("orders", ()), digest][-ORDERS_KEPT:]
@@ -287,7 +292,7 @@ class ChurnDomain:
         """Open complaints count, once per ticket: a ticket's resolution takes its complaint back
         out, and more messages about an open ticket add none. Tickets are kept as digests."""
         tickets = st.setdefault("open_tickets", {})
-        ticket = hashlib.sha256(d.ticket_id.encode()).hexdigest()[:16] if d.ticket_id else None
+        ticket = _digest(d.ticket_id) if d.ticket_id else None
         if d.ticket_status == "resolved":
             opened = tickets.pop(ticket, None) if ticket else None
             if opened in st["complaints"]:

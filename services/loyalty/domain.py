@@ -364,10 +364,8 @@ class LoyaltyDomain:
             lot = next((x for x in st["lots"] if x["id"] == order["lot"]), None)
             if lot is None or st["debt"]:
                 # Into a lot of their own that expires with the order's points, not a year from now.
-                lot_id = self._earn(st, ev, credit, reason, order_id, out, f"birthday/{order_id}", expires=expires)
-                for lot in st["lots"]:
-                    if lot["id"] == lot_id:
-                        lot["order"] = order_id
+                tag = f"birthday/{order_id}"
+                self._earn(st, ev, credit, reason, order_id, out, tag, expires=expires, order=order_id)
                 continue
             # Into the order's own lot: the same lots (and so the same expiry and notices) as if
             # the registration had been read first.
@@ -786,7 +784,16 @@ class LoyaltyDomain:
 
     # -- the ledger --------------------------------------------------------------
     def _earn(
-        self, st, ev: Event, points: int, reason: str, ref: str, out, tag: str = "", expires: date | None = None
+        self,
+        st,
+        ev: Event,
+        points: int,
+        reason: str,
+        ref: str,
+        out,
+        tag: str = "",
+        expires: date | None = None,
+        order: str | None = None,
     ) -> str:
         day = _day(ev.occurred_at)
         # From the cause, not from a counter: the same lot whatever was expired or spent before.
@@ -797,6 +804,8 @@ class LoyaltyDomain:
         if points > pay:  # a lot fully used to pay the debt holds nothing (and would be pruned later)
             lot = {"id": lot_id, "earned_on": day.isoformat(), "expires_on": expires.isoformat(), "points": points,
                    "remaining": points - pay, "seq": next_seq(st)}  # fmt: skip
+            if order is not None:
+                lot["order"] = order  # a late birthday credit's own lot: its expiry counts for the order
             st["lots"].append(lot)
         entry = self._entry(st, ev, points, "earn", reason, ref)
         data = PointsEarnedData(

@@ -167,12 +167,11 @@ class SmtpProvider:
         async with self._slots:
             client = self._idle.pop() if self._idle else None
             reused = client is not None and client.is_connected
-            options: list[str] = []
+            options = [] if msg.to.isascii() else ["SMTPUTF8"]  # an internationalised address (RFC 6531)
             try:
                 if not reused:
                     client = await self._connect()
                 raw, sender = mime(msg), parseaddr(msg.sender)[1]
-                options = [] if msg.to.isascii() else ["SMTPUTF8"]
                 try:
                     await client.sendmail(sender, [msg.to], raw, mail_options=options)
                 except aiosmtplib.SMTPServerDisconnected:

@@ -300,7 +300,7 @@ class Deliverer:
 
         async def send(doc: CustomerDoc, job: Job) -> Sent | Failed | None:
             async with limit:
-                if getattr(host.revoke_guard, "wanted", False):
+                if host.revoke_guard.wanted:
                     # A stop or a rebalance waits for this round: what has not started stays queued
                     # for the next round (this replica's or the partition's next owner's), so the
                     # round ends with what it sent recorded, instead of being cancelled with the

@@ -108,7 +108,12 @@ def _ts(value: str | None) -> datetime | None:
 
 
 def _zone(state: dict[str, Any]) -> ZoneInfo:
-    return ZoneInfo(state["profile"].get("timezone") or "UTC")
+    return ZoneInfo((state.get("profile") or {}).get("timezone") or "UTC")
+
+
+def local_ordinal(state: dict[str, Any], moment: datetime) -> int:
+    """The customer's local day of `moment`, as purchase days are counted."""
+    return moment.astimezone(_zone(state)).toordinal()
 
 
 def primary_currency(state: dict[str, Any]) -> str | None:
@@ -142,8 +147,7 @@ def cadence(state: dict[str, Any], rules: ProfileRules) -> float:
     if first is None or last is None:
         return rules.lifecycle.default_cadence_days
     # Local days, as `days` counts them: two purchases on two local days of one UTC date are a day apart.
-    zone = _zone(state)
-    first_day, last_day = first.astimezone(zone).toordinal(), last.astimezone(zone).toordinal()
+    first_day, last_day = local_ordinal(state, first), local_ordinal(state, last)
     return lifecycle.cadence_days(first_day, last_day, p["days"], rules.lifecycle)
 
 

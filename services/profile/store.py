@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.profile import rfm
-from services.profile.domain import net_spend, primary_currency
+from services.profile.domain import local_ordinal, net_spend, primary_currency
 from services.runtime import versions
 from services.runtime.crypto import LookupHasher
 from services.runtime.lookups import LookupStateStore
@@ -63,8 +62,7 @@ class ProfileStore(LookupStateStore):
             first = datetime.fromisoformat(p["first"]) if p.get("first") else last
             earliest = min(earliest, first)
             if n >= 2:
-                zone = ZoneInfo((s.get("profile") or {}).get("timezone") or "UTC")  # local days, as `days` counts them
-                gap = (last.astimezone(zone).toordinal() - first.astimezone(zone).toordinal()) / (n - 1)
+                gap = (local_ordinal(s, last) - local_ordinal(s, first)) / (n - 1)  # local days, as `days` counts them
             rows.append(rfm.PopulationRow(days, n, cur, float(net_spend(s, cur)), gap))
         return rows, (now - earliest).total_seconds() / 86400
 

@@ -184,3 +184,30 @@ async def test_birthday_greeting_at_nine_local_time_under_event_time(common):
         assert datetime.fromisoformat(g["data"]["not_before"]) == datetime(1997, 3, 2, 1, tzinfo=UTC)
     finally:
         await host.stop()
+
+
+async def test_the_population_scan_measures_gaps_in_the_customers_local_days(common):
+    # What the RFM recency cut points are computed from, read from the real store: a Tokyo customer's
+    # two purchases at 19:00 and 01:00 local are one local day apart, though on one UTC date.
+    from services.profile.store import ProfileStore
+    from services.runtime.crypto import LookupHasher
+
+    client = AsyncMongoClient(common.mongo_url)
+    try:
+        db = client[common.db_prefix + "profile_population"]
+        store = ProfileStore(db, None, LookupHasher("lookup-key-0123456789"))
+
+        def doc(cid: str, tz: str, first: datetime, last: datetime) -> dict:
+            purchases = {"first": first.isoformat(), "last": last.isoformat(), "days": 2, "orders": 2}
+            spend = {"USD": {"gross": "50.00", "refunded": "0", "orders": 2, "refunded_orders": 0}}
+            return {"_id": cid, "s": {"purchases": purchases, "spend": spend, "profile": {"timezone": tz}}}
+
+        await db["customers"].insert_many([
+            doc("tokyo", "Asia/Tokyo", datetime(2024, 1, 1, 10, tzinfo=UTC), datetime(2024, 1, 1, 16, tzinfo=UTC)),
+            doc("utc", "UTC", datetime(2024, 1, 1, 10, tzinfo=UTC), datetime(2024, 1, 11, 10, tzinfo=UTC)),
+        ])  # fmt: skip
+        rows, _ = await store.population(datetime(2024, 2, 1, tzinfo=UTC))
+        assert sorted(row.mean_gap_days for row in rows) == [1.0, 10.0]
+    finally:
+        await client.drop_database(common.db_prefix + "profile_population")
+        await client.close()

@@ -501,23 +501,12 @@ def test_held_events_keep_no_personal_data_and_erasure_drops_them():
     assert erased["held"] == [] and erased["erased"]
 
 
-def _walk(domain, state, start, end):
-    """Every due point from `start` to `end`, as a punctual sweep; what came of them."""
-    out, now = [], start
-    while (due := domain.due(state, now)) is not None and max(due, now) <= end:
-        now = max(due, now)
-        state, derived = domain.tick(state, "c1", now)
-        out += derived
-        now += timedelta(minutes=1)
-    return state, out
-
-
 def test_a_late_purchase_that_takes_a_customer_out_of_risk_ends_the_episode():
     d = ChurnDomain(bootstrap_model())
     tier = ev(ProfileUpdated, ProfileUpdatedData(value_tier="medium", top_categories=["jazz"]), T0)
     state, _ = run(d, [tier, *monthly()])
     last = T0 + timedelta(days=210)
-    state, _ = _walk(d, state, last, last + timedelta(days=100))
+    state, _ = follow_the_clock(d, state, last, 100)
     assert state["ladder"]["step"] >= 1  # the care step went out
     since = datetime.fromisoformat(state["ladder"]["at_risk_since"])
     # Read now, dated before the customer was judged at risk: no win-back, and the episode is over.
@@ -527,8 +516,8 @@ def test_a_late_purchase_that_takes_a_customer_out_of_risk_ends_the_episode():
     assert state["risk"]["band"] == "low" and state["ladder"]["step"] == 0
     assert not [e for e in out if e.type == "CustomerWonBack"]
     # The next drift starts a new episode with its own first step, the care.
-    _, out = _walk(d, state, last + timedelta(days=100), last + timedelta(days=300))
-    steps = [e.data.kind for e in out if e.type == "RetentionRequested"]
+    _, out = follow_the_clock(d, state, last + timedelta(days=100), 200)
+    steps = [e.data.kind for _, e in out if e.type == "RetentionRequested"]
     assert steps and steps[0] == "care"
 
 
